@@ -1,0 +1,178 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+
+	"sigs.k8s.io/yaml"
+
+	"github.com/shuntmesh/shunt/agent/datapath"
+	"github.com/shuntmesh/shunt/mesh"
+)
+
+// DefaultConfigPath is where shuntd reads its configuration.
+const DefaultConfigPath = "/etc/shunt/shunt.yaml"
+
+// Config is shuntd's configuration file (/etc/shunt/shunt.yaml). Every field
+// is optional; see Defaults.
+type Config struct {
+	Datapath datapath.Config `json:"datapath"`
+	// HostNetNS is the node's network namespace: its sockets are always
+	// translated. Default: the agent's own (/proc/self/ns/net).
+	HostNetNS string         `json:"hostNetNS,omitempty"`
+	SocketLB  SocketLBConfig `json:"socketLB"`
+	// APISocket is the unix socket shuntctl talks to.
+	APISocket string `json:"apiSocket,omitempty"`
+	// MetricsAddr serves /metrics and /healthz over TCP ("" disables; the
+	// API socket serves them too).
+	MetricsAddr string `json:"metricsAddr,omitempty"`
+	// StateFile keeps run-time changes (shuntctl service/pod update and
+	// delete) across agent restarts.
+	StateFile string `json:"stateFile,omitempty"`
+	// Services and Pods are the standalone desired state.
+	Services []ServiceConfig `json:"services,omitempty"`
+	Pods     []mesh.Pod      `json:"pods,omitempty"`
+}
+
+// SocketLBConfig holds the socket LB settings.
+type SocketLBConfig struct {
+	// HostNamespaceOnly: only sockets of the node's network namespace are
+	// translated; pods see the VIP (their sidecar or the kernel's rules
+	// balance it) unless a pod overrides it with socketLB: translate.
+	HostNamespaceOnly bool `json:"hostNamespaceOnly"`
+}
+
+// ServiceConfig is a service as written in YAML and sent by shuntctl.
+type ServiceConfig struct {
+	Name      string          `json:"name"`
+	Frontend  string          `json:"frontend"`
+	Protocol  string          `json:"protocol,omitempty"`
+	Algorithm string          `json:"algorithm,omitempty"`
+	Mode      string          `json:"mode,omitempty"`
+	Backends  []BackendConfig `json:"backends"`
+}
+
+// BackendConfig is one backend in YAML; an absent weight means 1.
+type BackendConfig struct {
+	Addr   string  `json:"addr"`
+	Weight *uint32 `json:"weight,omitempty"`
+	State  string  `json:"state,omitempty"`
+	Name   string  `json:"name,omitempty"`
+}
+
+// Defaults.
+const (
+	DefaultAPISocket   = "/run/shunt/shuntd.sock"
+	DefaultMetricsAddr = "127.0.0.1:9967"
+	DefaultStateFile   = "/var/lib/shunt/state.json"
+	DefaultHostNetNS   = "/proc/self/ns/net"
+)
+
+// WithDefaults fills empty fields.
+func (c Config) WithDefaults() Config {
+	c.Datapath = c.Datapath.WithDefaults()
+	if c.HostNetNS == "" {
+		c.HostNetNS = DefaultHostNetNS
+	}
+	if c.APISocket == "" {
+		c.APISocket = DefaultAPISocket
+	}
+	if c.StateFile == "" {
+		c.StateFile = DefaultStateFile
+	}
+	return c
+}
+
+// ParseConfig parses YAML strictly: unknown fields are errors that name
+// the field.
+func ParseConfig(data []byte) (Config, error) {
+	var c Config
+	if err := yaml.UnmarshalStrict(data, &c); err != nil {
+		return c, fmt.Errorf("config: %w", err)
+	}
+	return c, nil
+}
+
+// LoadConfig reads and parses path. A missing default path is not an error.
+func LoadConfig(path string) (Config, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) && path == DefaultConfigPath {
+		return Config{}, nil
+	}
+	if err != nil {
+		return Config{}, err
+	}
+	c, err := ParseConfig(data)
+	if err != nil {
+		return c, fmt.Errorf("%s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Validate checks the whole configuration, including its services.
+func (c Config) Validate() error {
+	if err := c.Datapath.Validate(); err != nil {
+		return err
+	}
+	_, err := c.State()
+	return err
+}
+
+// State converts the configured services and pods into a validated model.
+func (c Config) State() (*mesh.State, error) {
+	st := &mesh.State{Pods: append([]mesh.Pod(nil), c.Pods...)}
+	for i, sc := range c.Services {
+		s, err := sc.Service(fmt.Sprintf("services[%d]", i))
+		if err != nil {
+			return nil, err
+		}
+		st.Services = append(st.Services, s)
+	}
+	if err := st.Validate(); err != nil {
+		return nil, err
+	}
+	return st, nil
+}
+
+// Service converts and validates one service; prefix names it in errors.
+func (sc ServiceConfig) Service(prefix string) (mesh.Service, error) {
+	s := mesh.Service{Name: sc.Name, Algorithm: mesh.Algorithm(strings.ToLower(sc.Algorithm)), Mode: mesh.ForwardingMode(strings.ToLower(sc.Mode))}
+	fe, err := netip.ParseAddrPort(sc.Frontend)
+	if err != nil {
+		return s, &mesh.FieldError{Field: prefix + ".frontend", Msg: fmt.Sprintf("%q is not ADDR:PORT (IPv6 as [ADDR]:PORT)", sc.Frontend)}
+	}
+	p, err := mesh.ParseProtocol(sc.Protocol)
+	if err != nil {
+		return s, &mesh.FieldError{Field: prefix + ".protocol", Msg: err.Error()}
+	}
+	s.Frontend = mesh.Frontend{Addr: fe, Proto: p}
+	for j, bc := range sc.Backends {
+		bp := fmt.Sprintf("%s.backends[%d]", prefix, j)
+		a, err := netip.ParseAddrPort(bc.Addr)
+		if err != nil {
+			return s, &mesh.FieldError{Field: bp + ".addr", Msg: fmt.Sprintf("%q is not ADDR:PORT", bc.Addr)}
+		}
+		b := mesh.Backend{Addr: a, Weight: 1, State: mesh.BackendState(strings.ToLower(bc.State)), Name: bc.Name}
+		if bc.Weight != nil {
+			b.Weight = *bc.Weight
+		}
+		s.Backends = append(s.Backends, b)
+	}
+	if err := s.Validate(prefix); err != nil {
+		return s, err
+	}
+	return s, nil
+}
+
+// ServiceConfigOf converts a model service back to its config form.
+func ServiceConfigOf(s mesh.Service) ServiceConfig {
+	sc := ServiceConfig{Name: s.Name, Frontend: s.Frontend.Addr.String(), Protocol: string(s.Frontend.Proto), Algorithm: string(s.Algorithm), Mode: string(s.Mode)}
+	for _, b := range s.Backends {
+		w := b.Weight
+		sc.Backends = append(sc.Backends, BackendConfig{Addr: b.Addr.String(), Weight: &w, State: string(b.State), Name: b.Name})
+	}
+	return sc
+}

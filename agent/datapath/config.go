@@ -1,0 +1,76 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+)
+
+// DefaultRoot is the default bpffs folder for Shunt's pins.
+const DefaultRoot = "/sys/fs/bpf/shunt"
+
+// Config is the datapath part of the agent's configuration.
+type Config struct {
+	// Root is the bpffs folder holding pins. Default DefaultRoot.
+	Root string `json:"bpffsRoot,omitempty"`
+	// Cgroup is the cgroup v2 folder the programs attach to. Required
+	// (the agent fills in the cgroup v2 root by default).
+	Cgroup string `json:"cgroup,omitempty"`
+	// Capacities of the maps (entries).
+	MaxServices uint32 `json:"maxServices,omitempty"`
+	MaxSlots    uint32 `json:"maxSlots,omitempty"`
+	MaxRevNAT   uint32 `json:"maxRevNAT,omitempty"`
+	MaxPods     uint32 `json:"maxPods,omitempty"`
+}
+
+// Defaults for Config.
+const (
+	DefaultMaxServices = 65536
+	DefaultMaxSlots    = 1 << 20
+	DefaultMaxRevNAT   = 1 << 18
+	DefaultMaxPods     = 16384
+)
+
+// WithDefaults returns c with empty fields set to their defaults.
+func (c Config) WithDefaults() Config {
+	if c.Root == "" {
+		c.Root = DefaultRoot
+	}
+	if c.MaxServices == 0 {
+		c.MaxServices = DefaultMaxServices
+	}
+	if c.MaxSlots == 0 {
+		c.MaxSlots = DefaultMaxSlots
+	}
+	if c.MaxRevNAT == 0 {
+		c.MaxRevNAT = DefaultMaxRevNAT
+	}
+	if c.MaxPods == 0 {
+		c.MaxPods = DefaultMaxPods
+	}
+	return c
+}
+
+// Validate reports the first invalid field.
+func (c Config) Validate() error {
+	if c.Cgroup == "" {
+		return errors.New("datapath.cgroup: must be set")
+	}
+	if !filepath.IsAbs(c.Root) {
+		return fmt.Errorf("datapath.bpffsRoot: %q is not an absolute path", c.Root)
+	}
+	if c.MaxServices < 1 || c.MaxServices > 1<<20 {
+		return fmt.Errorf("datapath.maxServices: %d out of range 1..%d", c.MaxServices, 1<<20)
+	}
+	if c.MaxSlots < 16 || c.MaxSlots > 1<<26 {
+		return fmt.Errorf("datapath.maxSlots: %d out of range 16..%d", c.MaxSlots, 1<<26)
+	}
+	if c.MaxRevNAT < 1024 || c.MaxRevNAT > 1<<26 {
+		return fmt.Errorf("datapath.maxRevNAT: %d out of range 1024..%d", c.MaxRevNAT, 1<<26)
+	}
+	if c.MaxPods < 16 || c.MaxPods > 1<<20 {
+		return fmt.Errorf("datapath.maxPods: %d out of range 16..%d", c.MaxPods, 1<<20)
+	}
+	return nil
+}
+

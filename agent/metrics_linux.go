@@ -1,0 +1,110 @@
+package agent
+
+import (
+	"errors"
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/shuntmesh/shunt/agent/datapath"
+	"github.com/shuntmesh/shunt/bpf"
+)
+
+// StatNames labels enum shunt_stat (bpf/lib/shunt.h), in order. A test
+// checks it against STAT_MAX.
+var StatNames = []string{
+	"bypass_netns",
+	"slot_miss",
+	"revnat_fail",
+	"revnat_hit",
+	"v4mapped",
+}
+
+var _ = [1]int{}[len(StatNames)-int(bpf.SockmeshShuntStatSTAT_MAX)] // len(StatNames) == STAT_MAX
+
+// metrics reads the kernel counters on every scrape and keeps the agent's
+// own counters.
+type metrics struct {
+	a              *Agent
+	reconciles     *prometheus.CounterVec
+	capacityErrors prometheus.Counter
+
+	translations, noBackend, entries, capacity, events, services, pods, info *prometheus.Desc
+}
+
+func newMetrics(a *Agent) *metrics {
+	return &metrics{
+		a: a,
+		reconciles: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "shunt_reconcile_total", Help: "Reconciles of the datapath to the desired state, by result (ok, error).",
+		}, []string{"result"}),
+		capacityErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shunt_map_capacity_errors_total", Help: "Changes refused because a map would overflow.",
+		}),
+		translations: prometheus.NewDesc("shunt_service_translations_total", "Connections (and unconnected UDP datagrams) translated from the service frontend to a backend.", []string{"service", "frontend"}, nil),
+		noBackend:    prometheus.NewDesc("shunt_service_no_backend_total", "connect()/sendmsg() to the frontend refused with ECONNREFUSED because the service had no backend.", []string{"service", "frontend"}, nil),
+		entries:      prometheus.NewDesc("shunt_map_entries", "Entries in a datapath map.", []string{"map"}, nil),
+		capacity:     prometheus.NewDesc("shunt_map_capacity", "Capacity (max entries) of a datapath map.", []string{"map"}, nil),
+		events:       prometheus.NewDesc("shunt_datapath_events_total", "Datapath events by kind (bypass_netns: hostNamespaceOnly skipped a socket; slot_miss: failed open; revnat_hit: VIP shown to the app).", []string{"event"}, nil),
+		services:     prometheus.NewDesc("shunt_services", "Services in the datapath.", nil, nil),
+		pods:         prometheus.NewDesc("shunt_pods_enrolled", "Pods enrolled by network-namespace cookie.", nil, nil),
+		info:         prometheus.NewDesc("shunt_build_info", "Agent version and map layout version.", []string{"version", "layout"}, nil),
+	}
+}
+
+func (m *metrics) reconcile(err error) {
+	if m == nil {
+		return
+	}
+	if err == nil {
+		m.reconciles.WithLabelValues("ok").Inc()
+		return
+	}
+	m.reconciles.WithLabelValues("error").Inc()
+	if errors.Is(err, datapath.ErrCapacity) {
+		m.capacityErrors.Inc()
+	}
+}
+
+func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
+	m.reconciles.Describe(ch)
+	m.capacityErrors.Describe(ch)
+	for _, d := range []*prometheus.Desc{m.translations, m.noBackend, m.entries, m.capacity, m.events, m.services, m.pods, m.info} {
+		ch <- d
+	}
+}
+
+func (m *metrics) Collect(ch chan<- prometheus.Metric) {
+	m.reconciles.Collect(ch)
+	m.capacityErrors.Collect(ch)
+	a := m.a
+	ch <- prometheus.MustNewConstMetric(m.info, prometheus.GaugeValue, 1, Version, strconv.FormatUint(uint64(datapath.LayoutVersion), 10))
+	a.mu.Lock()
+	svcs := a.applied.Clone()
+	ids := maps2(a.ids)
+	npods := len(a.applied.Pods)
+	a.mu.Unlock()
+	ch <- prometheus.MustNewConstMetric(m.services, prometheus.GaugeValue, float64(len(svcs.Services)))
+	ch <- prometheus.MustNewConstMetric(m.pods, prometheus.GaugeValue, float64(npods))
+	for _, s := range svcs.Services {
+		c, err := a.dp.ServiceCounters(ids[s.Name])
+		if err != nil {
+			continue
+		}
+		fe := s.Frontend.String()
+		ch <- prometheus.MustNewConstMetric(m.translations, prometheus.CounterValue, float64(c.Translations), s.Name, fe)
+		ch <- prometheus.MustNewConstMetric(m.noBackend, prometheus.CounterValue, float64(c.NoBackend), s.Name, fe)
+	}
+	if fill, err := a.dp.Fill(); err == nil {
+		for _, f := range fill {
+			ch <- prometheus.MustNewConstMetric(m.entries, prometheus.GaugeValue, float64(f.Entries), f.Name)
+			ch <- prometheus.MustNewConstMetric(m.capacity, prometheus.GaugeValue, float64(f.Capacity), f.Name)
+		}
+	}
+	if g, err := a.dp.GlobalCounters(); err == nil {
+		for i, v := range g {
+			ch <- prometheus.MustNewConstMetric(m.events, prometheus.CounterValue, float64(v), StatNames[i])
+		}
+	}
+}
+

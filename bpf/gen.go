@@ -1,0 +1,14 @@
+// Package bpf holds Shunt's eBPF programs (C sources in this folder, shared
+// layouts in lib/shunt.h) and the Go bindings bpf2go generates from them.
+// The generated *_bpfel.go and *_bpfel.o files are committed so a clone
+// builds without clang; CI regenerates them and fails on a diff.
+//
+// It exposes specs and generated types only; loading, attaching and pinning
+// live in agent/datapath.
+package bpf
+
+//go:generate go tool bpf2go -cc clang-19 -strip llvm-strip-19 -target bpfel -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -type shunt_addr -type svc_value -type slot_key -type revnat_key -type pod_info -type shunt_config -type shunt_meta -type svc_stats Sockmesh sockmesh.c
+
+// LayoutVersion is SHUNT_LAYOUT_VERSION from lib/shunt.h: the version of the
+// pinned map layout.
+const LayoutVersion = uint32(SockmeshShuntLayoutSHUNT_LAYOUT_VERSION)

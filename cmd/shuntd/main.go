@@ -1,0 +1,95 @@
+// Command shuntd is Shunt's node agent: it loads the sockmesh eBPF programs,
+// keeps the kernel maps in line with the desired state (configuration file,
+// shuntctl, Kubernetes) and serves the local API and metrics.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/shuntmesh/shunt/agent"
+)
+
+func main() {
+	configPath := flag.String("config", agent.DefaultConfigPath, "configuration file (YAML)")
+	cgroup := flag.String("cgroup", "", "cgroup v2 folder to attach to (default: the cgroup v2 root)")
+	bpffs := flag.String("bpffs-root", "", "bpffs folder for pins (default /sys/fs/bpf/shunt)")
+	apiSocket := flag.String("api-socket", "", "unix socket for shuntctl (default "+agent.DefaultAPISocket+")")
+	metricsAddr := flag.String("metrics-addr", agent.DefaultMetricsAddr, "TCP address for /metrics and /healthz (empty: off)")
+	stateFile := flag.String("state-file", "", "file keeping run-time changes (default "+agent.DefaultStateFile+")")
+	hostNetNS := flag.String("host-netns", "", "network namespace whose sockets count as the node's (default: the agent's)")
+	hostOnly := flag.Bool("host-namespace-only", false, "translate only the node's own sockets (overrides the file when set)")
+	logLevel := flag.String("log-level", "info", "debug, info, warn or error")
+	validate := flag.Bool("validate", false, "validate the configuration and exit")
+	flag.Parse()
+
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(*logLevel)); err != nil {
+		fmt.Fprintln(os.Stderr, "shuntd: -log-level:", err)
+		os.Exit(2)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+
+	cfg, err := agent.LoadConfig(*configPath)
+	if err != nil {
+		log.Error("configuration", "err", err)
+		os.Exit(1)
+	}
+	set := map[string]bool{}
+	flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if *cgroup != "" {
+		cfg.Datapath.Cgroup = *cgroup
+	}
+	if *bpffs != "" {
+		cfg.Datapath.Root = *bpffs
+	}
+	if *apiSocket != "" {
+		cfg.APISocket = *apiSocket
+	}
+	if set["metrics-addr"] || cfg.MetricsAddr == "" {
+		cfg.MetricsAddr = *metricsAddr
+	}
+	if *stateFile != "" {
+		cfg.StateFile = *stateFile
+	}
+	if *hostNetNS != "" {
+		cfg.HostNetNS = *hostNetNS
+	}
+	if set["host-namespace-only"] {
+		cfg.SocketLB.HostNamespaceOnly = *hostOnly
+	}
+	if *validate {
+		if _, err := cfg.State(); err != nil {
+			fmt.Fprintln(os.Stderr, "shuntd: invalid configuration:", err)
+			os.Exit(1)
+		}
+		fmt.Println("configuration ok")
+		return
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	a, err := agent.New(cfg, log, reg)
+	if err != nil {
+		log.Error("start", "err", err)
+		os.Exit(1)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	log.Info("shuntd running", "api", a.Config().APISocket, "metrics", a.Config().MetricsAddr)
+	err = a.Run(ctx, reg)
+	a.Close() // programs stay attached through their pinned links
+	if err != nil {
+		log.Error("run", "err", err)
+		os.Exit(1)
+	}
+	log.Info("shuntd stopped; datapath left attached (shuntctl cleanup removes it)")
+}

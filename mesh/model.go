@@ -1,0 +1,298 @@
+// Package mesh is Shunt's pure model of what the datapath should do: services
+// (one frontend each), their backends, enrolled pods and the per-pod modes.
+//
+// It imports no kernel, Kubernetes or gRPC package and builds on any OS. The
+// Kubernetes informers and the standalone YAML both produce a State; the agent
+// reconciles the kernel maps and the xDS snapshot from it.
+package mesh
+
+import (
+	"fmt"
+	"net/netip"
+	"sort"
+	"strings"
+)
+
+// Protocol is the L4 protocol of a frontend.
+type Protocol string
+
+const (
+	TCP Protocol = "TCP"
+	UDP Protocol = "UDP"
+)
+
+// ParseProtocol accepts tcp/udp in any case; empty means TCP.
+func ParseProtocol(s string) (Protocol, error) {
+	switch strings.ToUpper(s) {
+	case "", "TCP":
+		return TCP, nil
+	case "UDP":
+		return UDP, nil
+	}
+	return "", fmt.Errorf("unknown protocol %q (want TCP or UDP)", s)
+}
+
+// Algorithm selects how a backend is chosen for a new connection.
+type Algorithm string
+
+const (
+	// Random is weighted random selection at connect time (the default).
+	Random Algorithm = "random"
+	// Maglev is consistent hashing; used by the north-south XDP path.
+	Maglev Algorithm = "maglev"
+)
+
+// ForwardingMode applies to the north-south XDP path.
+type ForwardingMode string
+
+const (
+	SNAT   ForwardingMode = "snat"
+	DSR    ForwardingMode = "dsr"
+	Hybrid ForwardingMode = "hybrid" // TCP via DSR, UDP via SNAT
+)
+
+// BackendState is the lifecycle state of an endpoint.
+type BackendState string
+
+const (
+	// Active backends take new connections in proportion to their weight.
+	Active BackendState = "active"
+	// Terminating backends are used only when no active backend is left.
+	Terminating BackendState = "terminating"
+)
+
+// MaxWeight is the largest backend weight accepted.
+const MaxWeight = 65535
+
+// MaxBackendsPerService bounds the backends of one service.
+const MaxBackendsPerService = 4096
+
+// Backend is one endpoint of a service.
+type Backend struct {
+	Addr netip.AddrPort `json:"addr"`
+	// Weight is relative; 0 means drain: no new connections, existing ones
+	// are untouched. Nil in config means 1.
+	Weight uint32       `json:"weight"`
+	State  BackendState `json:"state,omitempty"`
+	// Name optionally identifies the backend (pod name, node name).
+	Name string `json:"name,omitempty"`
+}
+
+// Frontend is what clients connect to: VIP, port and protocol.
+type Frontend struct {
+	Addr  netip.AddrPort `json:"addr"`
+	Proto Protocol       `json:"proto"`
+}
+
+func (f Frontend) String() string { return fmt.Sprintf("%s/%s", f.Addr, strings.ToLower(string(f.Proto))) }
+
+// Service is one frontend and the backends it balances to.
+type Service struct {
+	// Name is unique within a State, e.g. "default/web:http".
+	Name      string         `json:"name"`
+	Frontend  Frontend       `json:"frontend"`
+	Backends  []Backend      `json:"backends"`
+	Algorithm Algorithm      `json:"algorithm,omitempty"`
+	Mode      ForwardingMode `json:"mode,omitempty"`
+}
+
+// HostNSOnly is a tri-state per-pod override of the global hostNamespaceOnly.
+type HostNSOnly string
+
+const (
+	// Inherit uses the agent-wide setting.
+	Inherit HostNSOnly = ""
+	// Bypass: the pod's sockets see the VIP untouched (socket LB skipped).
+	Bypass HostNSOnly = "bypass"
+	// Translate: the pod's sockets are translated even if the global
+	// setting is hostNamespaceOnly.
+	Translate HostNSOnly = "translate"
+)
+
+// SockmapMode is the per-pod acceleration mode (shunt.dev/sockmap).
+type SockmapMode string
+
+const (
+	SockmapAuto SockmapMode = "auto"
+	SockmapOn   SockmapMode = "on"
+	SockmapOff  SockmapMode = "off"
+)
+
+// Pod is a workload enrolled in the mesh, identified in the datapath by the
+// cookie of its network namespace.
+type Pod struct {
+	// Name is unique within a State, e.g. "default/client-7d9f".
+	Name string `json:"name"`
+	// NetNS is a path to the pod's network namespace (/run/netns/x or
+	// /proc/PID/ns/net). The agent resolves it to a netns cookie.
+	NetNS string `json:"netns"`
+	// SocketLB overrides the global hostNamespaceOnly for this pod.
+	SocketLB HostNSOnly  `json:"socketLB,omitempty"`
+	Sockmap  SockmapMode `json:"sockmap,omitempty"`
+}
+
+// State is the complete desired state.
+type State struct {
+	Services []Service `json:"services"`
+	Pods     []Pod     `json:"pods"`
+}
+
+// ActiveSet returns the backends that take new connections: the active
+// backends with weight > 0 or, when none is left, the terminating ones with
+// weight > 0. The result is sorted by address so that it is independent of
+// the order the backends arrived in.
+func (s *Service) ActiveSet() []Backend {
+	var active, term []Backend
+	for _, b := range s.Backends {
+		if b.Weight == 0 {
+			continue
+		}
+		if b.State == Terminating {
+			term = append(term, b)
+		} else {
+			active = append(active, b)
+		}
+	}
+	set := active
+	if len(set) == 0 {
+		set = term
+	}
+	SortBackends(set)
+	return set
+}
+
+// SortBackends sorts by the stable key (address, port). The order must not
+// depend on arrival order: every node must build identical tables.
+func SortBackends(bs []Backend) {
+	sort.SliceStable(bs, func(i, j int) bool { return bs[i].Addr.Compare(bs[j].Addr) < 0 })
+}
+
+// FieldError names the offending field of an invalid State.
+type FieldError struct {
+	Field string
+	Msg   string
+}
+
+func (e *FieldError) Error() string { return e.Field + ": " + e.Msg }
+
+func fieldErr(field, format string, a ...any) error {
+	return &FieldError{Field: field, Msg: fmt.Sprintf(format, a...)}
+}
+
+// Validate checks one service. prefix names it in errors.
+func (s *Service) Validate(prefix string) error {
+	if s.Name == "" {
+		return fieldErr(prefix+".name", "must not be empty")
+	}
+	f := s.Frontend
+	if !f.Addr.IsValid() || f.Addr.Addr().IsUnspecified() {
+		return fieldErr(prefix+".frontend", "invalid address %q", f.Addr)
+	}
+	if f.Addr.Port() == 0 {
+		return fieldErr(prefix+".frontend", "port must not be 0")
+	}
+	if f.Addr.Addr().Is4In6() {
+		return fieldErr(prefix+".frontend", "use the IPv4 form of %s", f.Addr.Addr())
+	}
+	if f.Addr.Addr().Zone() != "" {
+		return fieldErr(prefix+".frontend", "zoned addresses are not supported")
+	}
+	if f.Proto != TCP && f.Proto != UDP {
+		return fieldErr(prefix+".frontend.proto", "unknown protocol %q (want TCP or UDP)", f.Proto)
+	}
+	switch s.Algorithm {
+	case "", Random, Maglev:
+	default:
+		return fieldErr(prefix+".algorithm", "unknown algorithm %q (want random or maglev)", s.Algorithm)
+	}
+	switch s.Mode {
+	case "", SNAT, DSR, Hybrid:
+	default:
+		return fieldErr(prefix+".mode", "unknown forwarding mode %q (want snat, dsr or hybrid)", s.Mode)
+	}
+	if len(s.Backends) > MaxBackendsPerService {
+		return fieldErr(prefix+".backends", "%d backends, at most %d allowed", len(s.Backends), MaxBackendsPerService)
+	}
+	seen := make(map[netip.AddrPort]bool, len(s.Backends))
+	for i, b := range s.Backends {
+		bp := fmt.Sprintf("%s.backends[%d]", prefix, i)
+		if !b.Addr.IsValid() || b.Addr.Addr().IsUnspecified() || b.Addr.Port() == 0 {
+			return fieldErr(bp, "invalid backend address %q", b.Addr)
+		}
+		if b.Addr.Addr().Is4In6() {
+			return fieldErr(bp, "use the IPv4 form of %s", b.Addr.Addr())
+		}
+		if b.Addr.Addr().Is4() != f.Addr.Addr().Is4() {
+			return fieldErr(bp, "address family of %s differs from frontend %s", b.Addr, f.Addr)
+		}
+		if seen[b.Addr] {
+			return fieldErr(bp, "duplicate backend %s", b.Addr)
+		}
+		seen[b.Addr] = true
+		if b.Weight > MaxWeight {
+			return fieldErr(bp+".weight", "%d is above the maximum %d", b.Weight, MaxWeight)
+		}
+		switch b.State {
+		case "", Active, Terminating:
+		default:
+			return fieldErr(bp+".state", "unknown state %q (want active or terminating)", b.State)
+		}
+	}
+	return nil
+}
+
+// Validate checks the whole state: every service and pod, unique names and
+// unique frontends.
+func (st *State) Validate() error {
+	names := map[string]bool{}
+	fronts := map[Frontend]string{}
+	for i, s := range st.Services {
+		p := fmt.Sprintf("services[%d]", i)
+		if err := s.Validate(p); err != nil {
+			return err
+		}
+		if names[s.Name] {
+			return fieldErr(p+".name", "duplicate service name %q", s.Name)
+		}
+		names[s.Name] = true
+		if other, ok := fronts[s.Frontend]; ok {
+			return fieldErr(p+".frontend", "frontend %s already used by service %q", s.Frontend, other)
+		}
+		fronts[s.Frontend] = s.Name
+	}
+	pods := map[string]bool{}
+	for i, p := range st.Pods {
+		pp := fmt.Sprintf("pods[%d]", i)
+		if p.Name == "" {
+			return fieldErr(pp+".name", "must not be empty")
+		}
+		if pods[p.Name] {
+			return fieldErr(pp+".name", "duplicate pod name %q", p.Name)
+		}
+		pods[p.Name] = true
+		if p.NetNS == "" {
+			return fieldErr(pp+".netns", "must not be empty")
+		}
+		switch p.SocketLB {
+		case Inherit, Bypass, Translate:
+		default:
+			return fieldErr(pp+".socketLB", "unknown value %q (want bypass or translate)", p.SocketLB)
+		}
+		switch p.Sockmap {
+		case "", SockmapAuto, SockmapOn, SockmapOff:
+		default:
+			return fieldErr(pp+".sockmap", "unknown value %q (want auto, on or off)", p.Sockmap)
+		}
+	}
+	return nil
+}
+
+// Clone returns a deep copy.
+func (st *State) Clone() *State {
+	out := &State{Services: make([]Service, len(st.Services)), Pods: append([]Pod(nil), st.Pods...)}
+	for i, s := range st.Services {
+		s.Backends = append([]Backend(nil), s.Backends...)
+		out.Services[i] = s
+	}
+	return out
+}
