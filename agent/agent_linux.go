@@ -365,6 +365,7 @@ func (a *Agent) DeletePod(name string) error {
 func (a *Agent) Resync() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.dp.Refresh()
 	return a.applyLocked(merge(a.base, a.overlay))
 }
 

@@ -107,4 +107,3 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 }
-

@@ -73,4 +73,3 @@ func (c Config) Validate() error {
 	}
 	return nil
 }
-

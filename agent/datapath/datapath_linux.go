@@ -49,6 +49,8 @@ type Datapath struct {
 	objs  bpf.SockmeshObjects
 	links map[string]link.Link
 	lock  *os.File
+	// svcCache mirrors the services and slots maps; nil = read them.
+	svcCache map[Addr]LoadedService
 	// Adopted is true when pinned maps from an earlier agent were reused.
 	Adopted bool
 }
@@ -252,7 +254,7 @@ func (d *Datapath) adoptMaps(spec *ebpf.CollectionSpec) (map[string]*ebpf.Map, [
 		if err != nil {
 			return fail(fmt.Errorf("migrate map %s from %d to %d entries: %w", name, from, ms.MaxEntries, err))
 		}
-		tmp := path + ".new"
+		tmp := path + "_migrating" // bpffs refuses names with a dot
 		os.Remove(tmp)
 		if err := nm.Pin(tmp); err != nil {
 			nm.Close()

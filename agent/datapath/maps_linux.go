@@ -63,6 +63,10 @@ func (d *Datapath) ReadServices() (map[Addr]LoadedService, error) {
 	return out, nil
 }
 
+// Refresh drops the in-memory copy of the services map: the next sync reads
+// the kernel maps again, repairing any drift.
+func (d *Datapath) Refresh() { d.svcCache = nil }
+
 // SyncResult tells what a sync changed.
 type SyncResult struct {
 	// IDs maps every desired frontend to its service id (counter index).
@@ -73,15 +77,22 @@ type SyncResult struct {
 }
 
 // SyncServices makes the maps hold exactly desired. Unchanged services are
-// not rewritten. Capacity is checked before the first write: a refused sync
+// not rewritten; the comparison is against an in-memory copy of what the
+// maps hold (read once, kept in step with every write, dropped by Refresh),
+// so a change costs in proportion to what changed, not to the map size. Capacity is checked before the first write: a refused sync
 // leaves the maps as they were. Each changed service switches atomically to
 // its new slots.
 func (d *Datapath) SyncServices(desired []Service) (SyncResult, error) {
 	res := SyncResult{IDs: map[Addr]uint32{}}
-	loaded, err := d.ReadServices()
-	if err != nil {
-		return res, err
+	if d.svcCache == nil {
+		loaded, err := d.ReadServices()
+		if err != nil {
+			return res, err
+		}
+		d.svcCache = loaded
 	}
+	loaded := d.svcCache
+	var err error
 	want := make(map[Addr][]Addr, len(desired))
 	for _, s := range desired {
 		if _, dup := want[s.Frontend]; dup {
@@ -129,8 +140,10 @@ func (d *Datapath) SyncServices(desired []Service) (SyncResult, error) {
 			continue
 		}
 		if err := d.deleteService(k, ls); err != nil {
+			d.svcCache = nil // unknown state: read the maps again next time
 			return res, err
 		}
+		delete(loaded, k)
 		delete(usedIDs, ls.ID)
 		res.Deleted++
 	}
@@ -161,8 +174,14 @@ func (d *Datapath) SyncServices(desired []Service) (SyncResult, error) {
 			}
 		}
 		if err := d.writeService(s.Frontend, id, old, ok, s.Slots); err != nil {
+			d.svcCache = nil
 			return res, err
 		}
+		rev := uint8(0)
+		if ok {
+			rev = 1 - old.Rev
+		}
+		loaded[s.Frontend] = LoadedService{ID: id, Rev: rev, Slots: slices.Clone(s.Slots)}
 		res.IDs[s.Frontend] = id
 		if ok {
 			res.Updated++
