@@ -1,0 +1,38 @@
+GO ?= go
+export PATH := $(PATH):/usr/local/go/bin
+
+.PHONY: all build deps generate check test demo bench clean
+
+all: build
+
+build:
+	$(GO) build -o bin/ ./cmd/...
+
+deps:
+	./scripts/install-deps.sh
+
+# Regenerate the bpf2go bindings and objects (needs clang-19, llvm-strip-19).
+generate:
+	$(GO) generate ./bpf/...
+
+# CI gates: formatting, vet, generated files in sync with the C sources.
+check: deps
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
+	$(GO) vet ./...
+	$(GO) generate ./bpf/...
+	@git diff --exit-code -- bpf || { echo "bpf: generated files differ from the committed ones: run make generate and commit"; exit 1; }
+
+# The whole test suite. Privileged tests run as root and fail (never skip)
+# when a kernel feature is missing.
+test: deps
+	$(GO) test -count=1 -timeout 30m ./...
+
+# Standalone demo: pods as netns + cgroups, shuntd with a service, traffic.
+demo: deps build
+	./bin/shuntctl demo
+
+bench: deps build
+	./bin/shuntctl bench connect
+
+clean:
+	rm -rf bin

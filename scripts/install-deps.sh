@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what Shunt's build, demo and tests need on a fresh Debian 12 machine
+# (root). Idempotent: packages already present are not fetched again.
+set -euo pipefail
+pkgs=(clang-19 llvm-19 libbpf-dev linux-libc-dev iproute2 iptables haproxy iperf3 util-linux curl)
+missing=()
+for p in "${pkgs[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+	echo "installing: ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v go >/dev/null || export PATH=$PATH:/usr/local/go/bin
+command -v go >/dev/null || { echo "Go toolchain not found (expected /usr/local/go)" >&2; exit 1; }
+# bpffs for pins.
+if ! mountpoint -q /sys/fs/bpf; then
+	mount -t bpf bpf /sys/fs/bpf
+fi
