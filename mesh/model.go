@@ -84,7 +84,9 @@ type Frontend struct {
 	Proto Protocol       `json:"proto"`
 }
 
-func (f Frontend) String() string { return fmt.Sprintf("%s/%s", f.Addr, strings.ToLower(string(f.Proto))) }
+func (f Frontend) String() string {
+	return fmt.Sprintf("%s/%s", f.Addr, strings.ToLower(string(f.Proto)))
+}
 
 // Service is one frontend and the backends it balances to.
 type Service struct {

@@ -260,10 +260,10 @@ pods:
 			t.Errorf("%s: socket must be translated to a backend, got %v", p.Name(), r.Backends)
 		}
 	}
-	check(bypassed, true)   // enrolled, inherits hostNamespaceOnly=true
-	check(c.client, true)   // not enrolled: global setting
+	check(bypassed, true)    // enrolled, inherits hostNamespaceOnly=true
+	check(c.client, true)    // not enrolled: global setting
 	check(translated, false) // per-pod override
-	check(node, false)      // the node's own sockets are always translated
+	check(node, false)       // the node's own sockets are always translated
 	if v := a.metric(`shunt_datapath_events_total{event="bypass_netns"}`); v == "" || v == "0" {
 		t.Errorf("bypass counter = %q", v)
 	}

@@ -28,6 +28,7 @@ commands:
   pod update --name N --netns PATH [--socket-lb inherit|bypass|translate]
   pod delete --name N
   cleanup [--bpffs-root DIR]           detach every program and remove all pins (stop shuntd first)
+  bench connect|update [FLAGS]         benchmarks (root; see shuntctl bench help)
 `
 
 // Run executes one shuntctl command.
@@ -76,6 +77,8 @@ func Run(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("pod %s: unknown subcommand", rest[1])
 	case "cleanup":
 		return cleanup(rest[1:], stdout)
+	case "bench":
+		return benchCmd(rest[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
