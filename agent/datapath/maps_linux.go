@@ -345,7 +345,7 @@ type MapFill struct {
 	Pinned   string `json:"pinned"`
 }
 
-// Fill counts the entries of every hash map (arrays report their size).
+// Fill counts the entries of every hash map; arrays, being fixed, are left out.
 func (d *Datapath) Fill() ([]MapFill, error) {
 	var out []MapFill
 	names := make([]string, 0)
@@ -359,7 +359,7 @@ func (d *Datapath) Fill() ([]MapFill, error) {
 		f := MapFill{Name: n, Capacity: m.MaxEntries(), Pinned: d.mapsDir() + "/" + n}
 		switch m.Type() {
 		case ebpf.Array, ebpf.PerCPUArray:
-			f.Entries = int(m.MaxEntries())
+			continue // fixed size: no fill to report
 		default:
 			k := make([]byte, m.KeySize())
 			var next []byte = make([]byte, m.KeySize())

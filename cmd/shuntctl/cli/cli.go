@@ -28,6 +28,7 @@ commands:
   pod update --name N --netns PATH [--socket-lb inherit|bypass|translate]
   pod delete --name N
   cleanup [--bpffs-root DIR]           detach every program and remove all pins (stop shuntd first)
+  demo [--connections N]               standalone demo: pods, shuntd, a service, traffic, counters, cleanup
   bench connect|update [FLAGS]         benchmarks (root; see shuntctl bench help)
 `
 
@@ -77,6 +78,10 @@ func Run(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("pod %s: unknown subcommand", rest[1])
 	case "cleanup":
 		return cleanup(rest[1:], stdout)
+	case "demo":
+		return demo(rest[1:], stdout)
+	case "demo-app": // internal: the demo's processes inside its pods
+		return demoApp(rest[1:], stdout)
 	case "bench":
 		return benchCmd(rest[1:], stdout, stderr)
 	case "help", "-h", "--help":
