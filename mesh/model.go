@@ -217,31 +217,40 @@ func (s *Service) Validate(prefix string) error {
 	}
 	seen := make(map[netip.AddrPort]bool, len(s.Backends))
 	for i, b := range s.Backends {
-		bp := fmt.Sprintf("%s.backends[%d]", prefix, i)
+		// The field path is only formatted on error: this loop runs for every
+		// backend of every service on each update.
+		bp := lazyPath{prefix, i}
 		if !b.Addr.IsValid() || b.Addr.Addr().IsUnspecified() || b.Addr.Port() == 0 {
-			return fieldErr(bp, "invalid backend address %q", b.Addr)
+			return fieldErr(bp.String(), "invalid backend address %q", b.Addr)
 		}
 		if b.Addr.Addr().Is4In6() {
-			return fieldErr(bp, "use the IPv4 form of %s", b.Addr.Addr())
+			return fieldErr(bp.String(), "use the IPv4 form of %s", b.Addr.Addr())
 		}
 		if b.Addr.Addr().Is4() != f.Addr.Addr().Is4() {
-			return fieldErr(bp, "address family of %s differs from frontend %s", b.Addr, f.Addr)
+			return fieldErr(bp.String(), "address family of %s differs from frontend %s", b.Addr, f.Addr)
 		}
 		if seen[b.Addr] {
-			return fieldErr(bp, "duplicate backend %s", b.Addr)
+			return fieldErr(bp.String(), "duplicate backend %s", b.Addr)
 		}
 		seen[b.Addr] = true
 		if b.Weight > MaxWeight {
-			return fieldErr(bp+".weight", "%d is above the maximum %d", b.Weight, MaxWeight)
+			return fieldErr(bp.String()+".weight", "%d is above the maximum %d", b.Weight, MaxWeight)
 		}
 		switch b.State {
 		case "", Active, Terminating:
 		default:
-			return fieldErr(bp+".state", "unknown state %q (want active or terminating)", b.State)
+			return fieldErr(bp.String()+".state", "unknown state %q (want active or terminating)", b.State)
 		}
 	}
 	return nil
 }
+
+type lazyPath struct {
+	prefix string
+	i      int
+}
+
+func (p lazyPath) String() string { return fmt.Sprintf("%s.backends[%d]", p.prefix, p.i) }
 
 // Validate checks the whole state: every service and pod, unique names and
 // unique frontends.

@@ -1,0 +1,106 @@
+package xds
+
+import (
+	"fmt"
+	"net/netip"
+	"testing"
+
+	"github.com/shuntmesh/shunt/mesh"
+)
+
+// bigState has services × backends: every 10th service uses Maglev, every
+// 7th backend is drained and every 11th terminating.
+func bigState(services, backends int) *mesh.State {
+	st := &mesh.State{Services: make([]mesh.Service, services)}
+	for i := range services {
+		svc := mesh.Service{
+			Name:     fmt.Sprintf("ns%d/svc%d:http", i%50, i),
+			Frontend: mesh.Frontend{Addr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)}), 80), Proto: mesh.TCP},
+		}
+		if i%10 == 0 {
+			svc.Algorithm = mesh.Maglev
+		}
+		for j := range backends {
+			k := i*backends + j
+			b := mesh.Backend{
+				Addr:   netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(k >> 16), byte(k >> 8), byte(k)}), 8080),
+				Weight: 1,
+			}
+			if j%7 == 6 {
+				b.Weight = 0
+			}
+			if j%11 == 10 {
+				b.State = mesh.Terminating
+			}
+			svc.Backends = append(svc.Backends, b)
+		}
+		st.Services[i] = svc
+	}
+	return st
+}
+
+// BenchmarkTranslate3000x30 builds every resource for 3000 services with
+// 30 endpoints each.
+func BenchmarkTranslate3000x30(b *testing.B) {
+	st := bigState(3000, 30)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := Translate(st, Options{}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkTranslateAndHash3000x30 adds the content hashing that decides
+// what changed (deterministic marshal + SHA-256 of every resource).
+func BenchmarkTranslateAndHash3000x30(b *testing.B) {
+	st := bigState(3000, 30)
+	b.ReportAllocs()
+	for b.Loop() {
+		r, err := Translate(st, Options{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		desiredSets(r, nil)
+	}
+}
+
+// BenchmarkUpdateOneEndpoint3000x30 is the endpoint-churn path of
+// Server.Update: the whole state is translated and diffed, one CLA changes.
+func BenchmarkUpdateOneEndpoint3000x30(b *testing.B) {
+	st := bigState(3000, 30)
+	s, err := New(Config{}, nil, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Stop()
+	if err := s.Update(st); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		i++
+		st.Services[1].Backends[0].Weight = uint32(1 + i%2)
+		if err := s.Update(st); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func TestBigStateChecks(t *testing.T) {
+	if testing.Short() {
+		t.Skip("large state")
+	}
+	st := bigState(300, 30)
+	if err := st.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	r, err := Translate(st, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Check(); err != nil {
+		t.Fatal(err)
+	}
+}
