@@ -29,6 +29,7 @@ commands:
   pod delete --name N
   cleanup [--bpffs-root DIR]           detach every program and remove all pins (stop shuntd first)
   demo [--connections N]               standalone demo: pods, shuntd, a service, traffic, counters, cleanup
+  bench connect|update [FLAGS]         benchmarks (root; see shuntctl bench help)
 `
 
 // Run executes one shuntctl command.
@@ -81,6 +82,8 @@ func Run(args []string, stdout, stderr io.Writer) error {
 		return demo(rest[1:], stdout)
 	case "demo-app": // internal: the demo's processes inside its pods
 		return demoApp(rest[1:], stdout)
+	case "bench":
+		return benchCmd(rest[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil

@@ -1,0 +1,132 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/shuntmesh/shunt/test/bench"
+)
+
+const benchUsage = `usage:
+  shuntctl bench connect [--services 1,1000,10000] [--reps 5] [--duration 2s] [--slice 250ms] [--warmup 250ms]
+                         [--backends 3] [--cpu N|-1] [--markdown]
+      new-connection rate (TCP_CRR style) direct vs Shunt socket LB vs kube-proxy iptables
+  shuntctl bench update [--services 3000] [--backends 30] [--updates 200] [--seed 1] [--markdown]
+      agent.UpdateService latency on a large state
+
+Both need root and remove everything they create (network namespaces
+shuntbench-*, cgroups and bpffs folders shunt-bench-*), also on Ctrl-C.
+Progress goes to stderr, the report to stdout.
+`
+
+// benchCmd runs `shuntctl bench ...`. The hidden `bench worker` is the
+// benchmark's own client and server processes.
+func benchCmd(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, benchUsage)
+		return errors.New("bench: want connect or update")
+	}
+	switch args[0] {
+	case "worker":
+		if code := bench.Worker(args[1:], stdout, stderr); code != 0 {
+			os.Exit(code)
+		}
+		return nil
+	case "connect":
+		return benchConnect(args[1:], stdout, stderr)
+	case "update":
+		return benchUpdate(args[1:], stdout, stderr)
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, benchUsage)
+		return nil
+	}
+	return fmt.Errorf("bench %s: unknown subcommand (want connect or update)", args[0])
+}
+
+func benchFlags(name string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("bench "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, benchUsage) }
+	return fs
+}
+
+// signalContext is cancelled by SIGINT/SIGTERM/SIGHUP. The signals stay
+// caught until stop is called, so a second Ctrl-C does not interrupt the
+// cleanup either.
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+}
+
+// interrupted turns the error of a cancelled run into a plain statement.
+func interrupted(ctx context.Context, err error) error {
+	if err != nil && ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		return errors.New("bench: interrupted; everything it created was removed")
+	}
+	return err
+}
+
+func parseCounts(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("--services: %q is not a positive integer", f)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
+func benchConnect(args []string, stdout, stderr io.Writer) error {
+	fs := benchFlags("connect", stderr)
+	services := fs.String("services", "1,1000,10000", "service counts N, comma-separated")
+	reps := fs.Int("reps", 5, "repetitions per configuration")
+	dur := fs.Duration("duration", 0, "measured time per configuration and repetition (default 2s)")
+	warm := fs.Duration("warmup", 0, "unmeasured warm-up of each client (default 250ms)")
+	slice := fs.Duration("slice", 0, "interleaving slice within a repetition (default 250ms; ≥ duration: none)")
+	backends := fs.Int("backends", 3, "backends per service")
+	cpu := fs.Int("cpu", runtime.NumCPU()-1, "CPU for the client and the servers (-1: not pinned)")
+	md := fs.Bool("markdown", false, "print only the Markdown tables")
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("bench connect: %w", err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("bench connect: unexpected argument %q", fs.Arg(0))
+	}
+	counts, err := parseCounts(*services)
+	if err != nil {
+		return fmt.Errorf("bench connect: %w", err)
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	return interrupted(ctx, bench.RunConnect(ctx, bench.ConnectOptions{Services: counts, Reps: *reps, Duration: *dur, Warmup: *warm, Slice: *slice,
+		Backends: *backends, CPU: *cpu, Markdown: *md, Log: stderr}, stdout))
+}
+
+func benchUpdate(args []string, stdout, stderr io.Writer) error {
+	fs := benchFlags("update", stderr)
+	services := fs.Int("services", 3000, "services")
+	backends := fs.Int("backends", 30, "backends per service")
+	updates := fs.Int("updates", 200, "UpdateService calls to time")
+	seed := fs.Uint64("seed", 1, "seed of the random picks")
+	md := fs.Bool("markdown", false, "print only the Markdown table")
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("bench update: %w", err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("bench update: unexpected argument %q", fs.Arg(0))
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	return interrupted(ctx, bench.RunUpdate(ctx, bench.UpdateOptions{Services: *services, Backends: *backends, Updates: *updates,
+		Seed: *seed, Markdown: *md, Log: stderr}, stdout))
+}
