@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -389,7 +390,7 @@ type ServiceStatus struct {
 func (a *Agent) Services() ([]ServiceStatus, error) {
 	a.mu.Lock()
 	st := a.applied.Clone()
-	ids := maps2(a.ids)
+	ids := maps.Clone(a.ids)
 	a.mu.Unlock()
 	out := make([]ServiceStatus, 0, len(st.Services))
 	for _, s := range st.Services {
@@ -401,14 +402,6 @@ func (a *Agent) Services() ([]ServiceStatus, error) {
 	}
 	slices.SortFunc(out, func(x, y ServiceStatus) int { return cmpString(x.Name, y.Name) })
 	return out, nil
-}
-
-func maps2(m map[string]uint32) map[string]uint32 {
-	out := make(map[string]uint32, len(m))
-	for k, v := range m {
-		out[k] = v
-	}
-	return out
 }
 
 func cmpString(a, b string) int {

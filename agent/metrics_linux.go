@@ -2,6 +2,7 @@ package agent
 
 import (
 	"errors"
+	"maps"
 	"strconv"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -81,7 +82,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(m.info, prometheus.GaugeValue, 1, Version, strconv.FormatUint(uint64(datapath.LayoutVersion), 10))
 	a.mu.Lock()
 	svcs := a.applied.Clone()
-	ids := maps2(a.ids)
+	ids := maps.Clone(a.ids)
 	npods := len(a.applied.Pods)
 	a.mu.Unlock()
 	ch <- prometheus.MustNewConstMetric(m.services, prometheus.GaugeValue, float64(len(svcs.Services)))

@@ -138,18 +138,15 @@ enum xlate_result {
 	XLATE_REFUSE = 2,  /* service without backend: refuse */
 };
 
-/* pick selects a backend for frontend *key. sticky != 0 picks the slot from
+/* pick selects a backend of service *svc. sticky != 0 picks the slot from
  * the socket cookie instead of at random, so that an unconnected UDP socket
  * keeps talking to one backend while the service is unchanged. */
-static __always_inline int pick(struct shunt_addr *key, struct shunt_addr *out, __u64 cookie, int sticky)
+static __always_inline int pick(struct svc_value *svc, struct shunt_addr *out, __u64 cookie, int sticky)
 {
-	struct svc_value *svc = bpf_map_lookup_elem(&services, key);
 	struct shunt_addr *be;
 	struct slot_key sk = {};
 	__u32 r;
 
-	if (!svc)
-		return XLATE_NONE;
 	if (svc->count == 0) {
 		svc_stat(svc->id, 0);
 		return XLATE_REFUSE;
@@ -200,6 +197,7 @@ static __always_inline int refuse(void)
 static __always_inline int xlate4(struct bpf_sock_addr *ctx, int sticky)
 {
 	struct shunt_addr key = {}, be;
+	struct svc_value *svc;
 	__u64 cookie;
 	int res;
 
@@ -209,12 +207,13 @@ static __always_inline int xlate4(struct bpf_sock_addr *ctx, int sticky)
 	key.family = SHUNT_AF_INET;
 	key.ip[0] = ctx->user_ip4;
 	key.port = (__u16)ctx->user_port;
-	if (!bpf_map_lookup_elem(&services, &key))
+	svc = bpf_map_lookup_elem(&services, &key);
+	if (!svc)
 		return 1;
 	if (!socklb_enabled(ctx))
 		return 1;
 	cookie = bpf_get_socket_cookie(ctx);
-	res = pick(&key, &be, cookie, sticky);
+	res = pick(svc, &be, cookie, sticky);
 	if (res == XLATE_REFUSE)
 		return refuse();
 	if (res != XLATE_DONE || be.family != SHUNT_AF_INET)
@@ -235,6 +234,7 @@ static __always_inline int is_v4mapped(__u32 *ip)
 static __always_inline int xlate6(struct bpf_sock_addr *ctx, int sticky)
 {
 	struct shunt_addr key = {}, be;
+	struct svc_value *svc;
 	__u32 ip[4];
 	__u64 cookie;
 	int res, mapped;
@@ -258,12 +258,13 @@ static __always_inline int xlate6(struct bpf_sock_addr *ctx, int sticky)
 		key.ip[3] = ip[3];
 	}
 	key.port = (__u16)ctx->user_port;
-	if (!bpf_map_lookup_elem(&services, &key))
+	svc = bpf_map_lookup_elem(&services, &key);
+	if (!svc)
 		return 1;
 	if (!socklb_enabled(ctx))
 		return 1;
 	cookie = bpf_get_socket_cookie(ctx);
-	res = pick(&key, &be, cookie, sticky);
+	res = pick(svc, &be, cookie, sticky);
 	if (res == XLATE_REFUSE)
 		return refuse();
 	if (res != XLATE_DONE || be.family != key.family)

@@ -200,15 +200,11 @@ services:
 		{"--target", "10.96.0.30:53", "--proto", "udp", "--udp", "connected"},
 		{"--target", "10.96.0.30:53", "--proto", "udp", "--udp", "unconnected"},
 	} {
-		start := time.Now()
+		// A hanging connect would end in the harness's TIMEOUT label, so
+		// five ECONNREFUSED prove the refusal came from the hook, not a hang.
 		r := connect(t, c.client, append(args, "--count", "5", "--timeout", "10s")...)
 		if r.Errors["ECONNREFUSED"] != 5 {
 			t.Errorf("%v: want 5× ECONNREFUSED, got ok=%d errors=%v", args, r.OK, r.Errors)
-		}
-		// Not a timing assertion on performance: a hang would take the
-		// 10 s per-attempt timeout, so 5 attempts in under 10 s prove none hung.
-		if time.Since(start) > 10*time.Second {
-			t.Errorf("%v: refusal was not immediate", args)
 		}
 	}
 	if v := a.metric(`shunt_service_no_backend_total{frontend="10.96.0.30:80/tcp",service="empty"}`); v != "5" {
