@@ -1,11 +1,16 @@
 // Package agent is shuntd: it owns the desired state (configuration file,
-// run-time changes from shuntctl, later Kubernetes), reconciles the kernel
-// maps to it through agent/datapath, serves the local API and the metrics.
+// run-time changes from shuntctl, Kubernetes), reconciles the kernel maps to
+// it through agent/datapath, serves the local API and the metrics.
 //
-// One desired state, one reconcile path: every change (start-up, shuntctl,
-// periodic resync) computes the complete desired state, validates it, checks
-// capacity, and only then writes; a refused change leaves the running state
-// as it was.
+// One desired state, one reconcile path. Producers of desired state are
+// sources ("config" = file + shuntctl; "kubernetes"); each change is a Delta
+// of one source, applied by Agent.Apply: the changed services and pods are
+// validated, uniqueness is checked against indexes, pods' namespaces are
+// resolved and map capacity is checked, and only then are the maps written —
+// a refused change leaves the running state as it was. A change costs in
+// proportion to its size: each service's datapath form is computed once per
+// content change and unchanged entries are never rewritten. A periodic
+// resync rewrites the maps from the desired state to repair drift.
 package agent
 
 import (
@@ -48,15 +53,9 @@ type Agent struct {
 	mu      sync.Mutex
 	base    *mesh.State
 	overlay Overlay
-	applied *mesh.State
-	ids     map[string]uint32 // service name -> datapath id
-	cookies map[string]podCookie
+	state   *desired
+	subs    []func(Delta)
 	started time.Time
-}
-
-type podCookie struct {
-	netns  string
-	cookie uint64
 }
 
 // New loads the datapath (adopting pinned state), and reconciles it to the
@@ -84,8 +83,7 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Agent, error
 	if err != nil {
 		return nil, fmt.Errorf("hostNetNS: %w", err)
 	}
-	a := &Agent{cfg: cfg, log: log, hostCookie: host, base: base, ids: map[string]uint32{},
-		cookies: map[string]podCookie{}, applied: &mesh.State{}, started: time.Now()}
+	a := &Agent{cfg: cfg, log: log, hostCookie: host, base: base, state: newDesired(), started: time.Now()}
 	if err := a.loadOverlay(); err != nil {
 		return nil, err
 	}
@@ -102,8 +100,13 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Agent, error
 		}
 	}
 	log.Info("datapath loaded", "cgroup", cfg.Datapath.Cgroup, "bpffs", cfg.Datapath.Root, "adopted", dp.Adopted, "layout", datapath.LayoutVersion)
+	// Take the configured state, then rewrite the maps from it: whatever
+	// an earlier run left that is no longer wanted goes.
 	a.mu.Lock()
-	err = a.applyLocked(merge(base, a.overlay))
+	err = a.applyLocked(SourceConfig, a.configDelta())
+	if err == nil {
+		err = a.resyncLocked()
+	}
 	a.mu.Unlock()
 	if err != nil {
 		dp.Close()
@@ -141,7 +144,7 @@ func (a *Agent) saveOverlay(o Overlay) error {
 	if err := os.MkdirAll(filepath.Dir(a.cfg.StateFile), 0o700); err != nil {
 		return fmt.Errorf("state file: %w", err)
 	}
-	data, err := json.MarshalIndent(o, "", "  ")
+	data, err := json.Marshal(o)
 	if err != nil {
 		return err
 	}
@@ -193,22 +196,6 @@ func merge(base *mesh.State, o Overlay) *mesh.State {
 	return out
 }
 
-// DatapathServices translates the model into the datapath's services.
-func DatapathServices(st *mesh.State) []datapath.Service {
-	out := make([]datapath.Service, 0, len(st.Services))
-	for i := range st.Services {
-		s := &st.Services[i]
-		set := s.ActiveSet()
-		idx := ExpandSlots(set, datapath.MaxSlotsPerService)
-		ds := datapath.Service{Frontend: datapath.MakeAddr(s.Frontend.Addr, s.Frontend.Proto), Slots: make([]datapath.Addr, len(idx))}
-		for j, k := range idx {
-			ds.Slots[j] = datapath.MakeAddr(set[k].Addr, s.Frontend.Proto)
-		}
-		out = append(out, ds)
-	}
-	return out
-}
-
 func socklbMode(m mesh.HostNSOnly) uint8 {
 	switch m {
 	case mesh.Bypass:
@@ -219,69 +206,21 @@ func socklbMode(m mesh.HostNSOnly) uint8 {
 	return uint8(bpf.SockmeshSocklbModeSOCKLB_INHERIT)
 }
 
-// applyLocked reconciles the datapath to st. Nothing is written unless st is
-// valid, every pod's netns resolves and the maps have room.
-func (a *Agent) applyLocked(st *mesh.State) error {
-	err := a.applyInner(st)
-	a.metrics.reconcile(err)
-	if err != nil {
-		a.log.Warn("reconcile refused", "err", err)
-	}
-	return err
-}
-
-func (a *Agent) applyInner(st *mesh.State) error {
-	if err := st.Validate(); err != nil {
-		return err
-	}
-	cookies := map[string]podCookie{}
-	pods := map[uint64]datapath.PodInfo{}
-	for i, p := range st.Pods {
-		pc, ok := a.cookies[p.Name]
-		if !ok || pc.netns != p.NetNS {
-			c, err := datapath.NetNSCookie(p.NetNS)
-			if err != nil {
-				return &mesh.FieldError{Field: fmt.Sprintf("pods[%d].netns", i), Msg: err.Error()}
-			}
-			pc = podCookie{netns: p.NetNS, cookie: c}
-		}
-		if other, dup := pods[pc.cookie]; dup {
-			return &mesh.FieldError{Field: fmt.Sprintf("pods[%d].netns", i), Msg: fmt.Sprintf("network namespace already enrolled as pod id %d", other.Id)}
-		}
-		cookies[p.Name] = pc
-		pods[pc.cookie] = datapath.PodInfo{Id: uint32(i + 1), Socklb: socklbMode(p.SocketLB)}
-	}
-	res, err := a.dp.SyncServices(DatapathServices(st))
-	if err != nil {
-		return err
-	}
-	if err := a.dp.SyncPods(pods); err != nil {
-		return err
-	}
-	if err := a.dp.SetConfig(a.hostCookie, a.cfg.SocketLB.HostNamespaceOnly); err != nil {
-		return err
-	}
-	ids := map[string]uint32{}
-	for _, s := range st.Services {
-		ids[s.Name] = res.IDs[datapath.MakeAddr(s.Frontend.Addr, s.Frontend.Proto)]
-	}
-	a.ids = ids
-	a.cookies = cookies
-	a.applied = st.Clone()
-	if res.Added+res.Updated+res.Deleted > 0 {
-		a.log.Info("reconciled", "added", res.Added, "updated", res.Updated, "deleted", res.Deleted, "unchanged", res.Unchanged, "pods", len(pods))
-	}
-	return nil
+// configDelta is the configuration source's whole desired state: the file
+// plus the run-time changes.
+func (a *Agent) configDelta() Delta {
+	st := merge(a.base, a.overlay)
+	return Delta{Services: st.Services, Pods: st.Pods, Replace: true}
 }
 
 // change applies an overlay edit: the new desired state is reconciled first
 // and the overlay is persisted only when that succeeded.
-func (a *Agent) change(edit func(o *Overlay)) error {
+func (a *Agent) change(d Delta, edit func(o *Overlay)) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	o := cloneOverlay(a.overlay)
 	edit(&o)
-	if err := a.applyLocked(merge(a.base, o)); err != nil {
+	if err := a.applyLocked(SourceConfig, d); err != nil {
 		return err
 	}
 	if err := a.saveOverlay(o); err != nil {
@@ -307,10 +246,11 @@ func removeName(list []string, name string) []string {
 
 // UpdateService creates or replaces a service by name.
 func (a *Agent) UpdateService(sc ServiceConfig) error {
-	if _, err := sc.Service("service"); err != nil {
+	svc, err := sc.Service("service")
+	if err != nil {
 		return err
 	}
-	return a.change(func(o *Overlay) {
+	return a.change(Delta{Services: []mesh.Service{svc}}, func(o *Overlay) {
 		o.Services = slices.DeleteFunc(o.Services, func(x ServiceConfig) bool { return x.Name == sc.Name })
 		o.Services = append(o.Services, sc)
 		o.DeletedServices = removeName(o.DeletedServices, sc.Name)
@@ -322,13 +262,10 @@ var ErrNotFound = errors.New("not found")
 
 // DeleteService removes a service by name.
 func (a *Agent) DeleteService(name string) error {
-	a.mu.Lock()
-	found := slices.ContainsFunc(a.applied.Services, func(s mesh.Service) bool { return s.Name == name })
-	a.mu.Unlock()
-	if !found {
-		return fmt.Errorf("service %q: %w", name, ErrNotFound)
+	if err := a.owned(name, false); err != nil {
+		return err
 	}
-	return a.change(func(o *Overlay) {
+	return a.change(Delta{DeleteServices: []string{name}}, func(o *Overlay) {
 		o.Services = slices.DeleteFunc(o.Services, func(x ServiceConfig) bool { return x.Name == name })
 		o.DeletedServices = append(removeName(o.DeletedServices, name), name)
 	})
@@ -340,7 +277,7 @@ func (a *Agent) UpdatePod(p mesh.Pod) error {
 	if err := st.Validate(); err != nil {
 		return err
 	}
-	return a.change(func(o *Overlay) {
+	return a.change(Delta{Pods: []mesh.Pod{p}}, func(o *Overlay) {
 		o.Pods = slices.DeleteFunc(o.Pods, func(x mesh.Pod) bool { return x.Name == p.Name })
 		o.Pods = append(o.Pods, p)
 		o.DeletedPods = removeName(o.DeletedPods, p.Name)
@@ -349,13 +286,10 @@ func (a *Agent) UpdatePod(p mesh.Pod) error {
 
 // DeletePod removes a pod's enrollment.
 func (a *Agent) DeletePod(name string) error {
-	a.mu.Lock()
-	found := slices.ContainsFunc(a.applied.Pods, func(p mesh.Pod) bool { return p.Name == name })
-	a.mu.Unlock()
-	if !found {
-		return fmt.Errorf("pod %q: %w", name, ErrNotFound)
+	if err := a.owned(name, true); err != nil {
+		return err
 	}
-	return a.change(func(o *Overlay) {
+	return a.change(Delta{DeletePods: []string{name}}, func(o *Overlay) {
 		o.Pods = slices.DeleteFunc(o.Pods, func(x mesh.Pod) bool { return x.Name == name })
 		o.DeletedPods = append(removeName(o.DeletedPods, name), name)
 	})
@@ -366,20 +300,46 @@ func (a *Agent) DeletePod(name string) error {
 func (a *Agent) Resync() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.dp.Refresh()
-	return a.applyLocked(merge(a.base, a.overlay))
+	if err := a.applyLocked(SourceConfig, a.configDelta()); err != nil {
+		return err
+	}
+	return a.resyncLocked()
 }
 
-// Desired returns a copy of the state last applied.
+// owned checks that a service (or pod) exists and belongs to the
+// configuration source, the only one shuntctl may change.
+func (a *Agent) owned(name string, pod bool) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	kind, src, ok := "service", "", false
+	if pod {
+		kind = "pod"
+		if e := a.state.pods[name]; e != nil {
+			src, ok = e.src, true
+		}
+	} else if e := a.state.svcs[name]; e != nil {
+		src, ok = e.src, true
+	}
+	if !ok {
+		return fmt.Errorf("%s %q: %w", kind, name, ErrNotFound)
+	}
+	if src != SourceConfig {
+		return fmt.Errorf("%s %q is managed by %s; change it there", kind, name, src)
+	}
+	return nil
+}
+
+// Desired returns a copy of the desired state (all sources), sorted by name.
 func (a *Agent) Desired() *mesh.State {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return a.applied.Clone()
+	return a.state.state()
 }
 
 // ServiceStatus is a service with its datapath id and counters.
 type ServiceStatus struct {
 	ServiceConfig
+	Source       string `json:"source"`
 	ID           uint32 `json:"id"`
 	Slots        int    `json:"slots"`
 	Translations uint64 `json:"translations"`
@@ -389,16 +349,16 @@ type ServiceStatus struct {
 // Services lists the applied services with their counters.
 func (a *Agent) Services() ([]ServiceStatus, error) {
 	a.mu.Lock()
-	st := a.applied.Clone()
-	ids := maps.Clone(a.ids)
+	out := make([]ServiceStatus, 0, len(a.state.svcs))
+	for _, e := range a.state.svcs {
+		out = append(out, ServiceStatus{ServiceConfig: ServiceConfigOf(e.svc), Source: e.src, ID: e.id, Slots: len(e.dp.Slots)})
+	}
 	a.mu.Unlock()
-	out := make([]ServiceStatus, 0, len(st.Services))
-	for _, s := range st.Services {
-		ss := ServiceStatus{ServiceConfig: ServiceConfigOf(s), ID: ids[s.Name], Slots: len(ExpandSlots(s.ActiveSet(), datapath.MaxSlotsPerService))}
+	for i := range out {
+		ss := &out[i]
 		if c, err := a.dp.ServiceCounters(ss.ID); err == nil {
 			ss.Translations, ss.NoBackend = c.Translations, c.NoBackend
 		}
-		out = append(out, ss)
 	}
 	slices.SortFunc(out, func(x, y ServiceStatus) int { return cmpString(x.Name, y.Name) })
 	return out, nil
@@ -434,6 +394,8 @@ type Status struct {
 // PodStatus is an enrolled pod.
 type PodStatus struct {
 	mesh.Pod
+	Source string `json:"source"`
+	ID     uint32 `json:"id"`
 	Cookie uint64 `json:"netnsCookie"`
 }
 
@@ -445,9 +407,10 @@ func (a *Agent) Status() (Status, error) {
 	a.mu.Lock()
 	st := Status{Version: Version, LayoutVersion: datapath.LayoutVersion, Cgroup: a.cfg.Datapath.Cgroup, BPFFS: a.cfg.Datapath.Root,
 		Adopted: a.dp.Adopted, HostNamespaceOnly: a.cfg.SocketLB.HostNamespaceOnly, HostNetNSCookie: a.hostCookie,
-		Uptime: time.Since(a.started).Round(time.Second).String(), Services: len(a.applied.Services)}
-	for _, p := range a.applied.Pods {
-		st.Pods = append(st.Pods, PodStatus{Pod: p, Cookie: a.cookies[p.Name].cookie})
+		Uptime: time.Since(a.started).Round(time.Second).String(), Services: len(a.state.svcs)}
+	for _, n := range slices.Sorted(maps.Keys(a.state.pods)) {
+		e := a.state.pods[n]
+		st.Pods = append(st.Pods, PodStatus{Pod: e.pod, Source: e.src, ID: e.id, Cookie: e.cookie})
 	}
 	a.mu.Unlock()
 	st.Links = a.dp.Links()

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"errors"
-	"maps"
 	"strconv"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -80,21 +79,26 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	m.capacityErrors.Collect(ch)
 	a := m.a
 	ch <- prometheus.MustNewConstMetric(m.info, prometheus.GaugeValue, 1, Version, strconv.FormatUint(uint64(datapath.LayoutVersion), 10))
+	type svc struct {
+		name, frontend string
+		id             uint32
+	}
 	a.mu.Lock()
-	svcs := a.applied.Clone()
-	ids := maps.Clone(a.ids)
-	npods := len(a.applied.Pods)
+	svcs := make([]svc, 0, len(a.state.svcs))
+	for n, e := range a.state.svcs {
+		svcs = append(svcs, svc{n, e.svc.Frontend.String(), e.id})
+	}
+	npods := len(a.state.pods)
 	a.mu.Unlock()
-	ch <- prometheus.MustNewConstMetric(m.services, prometheus.GaugeValue, float64(len(svcs.Services)))
+	ch <- prometheus.MustNewConstMetric(m.services, prometheus.GaugeValue, float64(len(svcs)))
 	ch <- prometheus.MustNewConstMetric(m.pods, prometheus.GaugeValue, float64(npods))
-	for _, s := range svcs.Services {
-		c, err := a.dp.ServiceCounters(ids[s.Name])
+	for _, s := range svcs {
+		c, err := a.dp.ServiceCounters(s.id)
 		if err != nil {
 			continue
 		}
-		fe := s.Frontend.String()
-		ch <- prometheus.MustNewConstMetric(m.translations, prometheus.CounterValue, float64(c.Translations), s.Name, fe)
-		ch <- prometheus.MustNewConstMetric(m.noBackend, prometheus.CounterValue, float64(c.NoBackend), s.Name, fe)
+		ch <- prometheus.MustNewConstMetric(m.translations, prometheus.CounterValue, float64(c.Translations), s.name, s.frontend)
+		ch <- prometheus.MustNewConstMetric(m.noBackend, prometheus.CounterValue, float64(c.NoBackend), s.name, s.frontend)
 	}
 	if fill, err := a.dp.Fill(); err == nil {
 		for _, f := range fill {

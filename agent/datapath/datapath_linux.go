@@ -50,7 +50,7 @@ type Datapath struct {
 	links map[string]link.Link
 	lock  *os.File
 	// svcCache mirrors the services and slots maps; nil = read them.
-	svcCache map[Addr]LoadedService
+	svcCache *svcState
 	// Adopted is true when pinned maps from an earlier agent were reused.
 	Adopted bool
 }

@@ -67,97 +67,140 @@ func (d *Datapath) ReadServices() (map[Addr]LoadedService, error) {
 // the kernel maps again, repairing any drift.
 func (d *Datapath) Refresh() { d.svcCache = nil }
 
+// Consistent tells whether the in-memory copy of the services maps is known
+// to match them: false after a write failed half way (the next update reads
+// the maps again).
+func (d *Datapath) Consistent() bool { return d.svcCache != nil }
+
 // SyncResult tells what a sync changed.
 type SyncResult struct {
-	// IDs maps every desired frontend to its service id (counter index).
+	// IDs maps every written or unchanged frontend of the request to its
+	// service id (counter index).
 	IDs                       map[Addr]uint32
 	Added, Updated, Deleted   int
 	Unchanged                 int
 	SlotEntries, ServiceCount int
 }
 
-// SyncServices makes the maps hold exactly desired. Unchanged services are
-// not rewritten; the comparison is against an in-memory copy of what the
-// maps hold (read once, kept in step with every write, dropped by Refresh),
-// so a change costs in proportion to what changed, not to the map size. Capacity is checked before the first write: a refused sync
-// leaves the maps as they were. Each changed service switches atomically to
-// its new slots.
-func (d *Datapath) SyncServices(desired []Service) (SyncResult, error) {
-	res := SyncResult{IDs: map[Addr]uint32{}}
-	if d.svcCache == nil {
-		loaded, err := d.ReadServices()
-		if err != nil {
-			return res, err
-		}
-		d.svcCache = loaded
+// svcState mirrors what the services and slots maps hold: read once, kept in
+// step with every write, dropped by Refresh (or after a failed write).
+type svcState struct {
+	loaded map[Addr]LoadedService
+	ids    map[uint32]bool
+	slots  int    // slot entries in use
+	nextID uint32 // allocation hint
+}
+
+func (d *Datapath) services() (*svcState, error) {
+	if d.svcCache != nil {
+		return d.svcCache, nil
 	}
-	loaded := d.svcCache
-	var err error
-	want := make(map[Addr][]Addr, len(desired))
+	loaded, err := d.ReadServices()
+	if err != nil {
+		return nil, err
+	}
+	st := &svcState{loaded: loaded, ids: make(map[uint32]bool, len(loaded))}
+	for _, ls := range loaded {
+		st.ids[ls.ID] = true
+		st.slots += len(ls.Slots)
+	}
+	d.svcCache = st
+	return st, nil
+}
+
+// SyncServices makes the maps hold exactly desired: what is not in desired is
+// deleted. It costs in proportion to the number of services; use
+// UpdateServices to change a few.
+func (d *Datapath) SyncServices(desired []Service) (SyncResult, error) {
+	st, err := d.services()
+	if err != nil {
+		return SyncResult{IDs: map[Addr]uint32{}}, err
+	}
+	want := make(map[Addr]bool, len(desired))
 	for _, s := range desired {
-		if _, dup := want[s.Frontend]; dup {
+		want[s.Frontend] = true
+	}
+	var remove []Addr
+	for k := range st.loaded {
+		if !want[k] {
+			remove = append(remove, k)
+		}
+	}
+	return d.UpdateServices(desired, remove)
+}
+
+// UpdateServices writes upsert (services that are new or whose slots may have
+// changed) and deletes the frontends in remove; everything else is left
+// alone, so a change costs in proportion to its size, not to the map's.
+// Unchanged services are not rewritten (the comparison is against an
+// in-memory copy of the maps). Capacity is checked before the first write: a
+// refused update leaves the maps as they were. Each changed service switches
+// atomically to its new slots.
+func (d *Datapath) UpdateServices(upsert []Service, remove []Addr) (SyncResult, error) {
+	res := SyncResult{IDs: make(map[Addr]uint32, len(upsert))}
+	st, err := d.services()
+	if err != nil {
+		return res, err
+	}
+	loaded := st.loaded
+	seen := make(map[Addr]bool, len(upsert))
+	for _, s := range upsert {
+		if seen[s.Frontend] {
 			return res, fmt.Errorf("duplicate frontend %v", s.Frontend)
 		}
+		seen[s.Frontend] = true
 		if len(s.Slots) > MaxSlotsPerService {
 			return res, fmt.Errorf("frontend %v: %d slots, at most %d", s.Frontend, len(s.Slots), MaxSlotsPerService)
 		}
-		want[s.Frontend] = s.Slots
 	}
-	if uint32(len(want)) > d.cfg.MaxServices {
-		return res, fmt.Errorf("%w: %d services, the services map holds %d (datapath.maxServices)", ErrCapacity, len(want), d.cfg.MaxServices)
-	}
-
-	// Simulate slot usage in write order (deletions first) to find the peak.
-	used := 0
-	for _, ls := range loaded {
-		used += len(ls.Slots)
-	}
-	peak := used
-	for k, ls := range loaded {
-		if _, ok := want[k]; !ok {
-			used -= len(ls.Slots)
+	gone := make(map[Addr]bool, len(remove))
+	for _, k := range remove {
+		if seen[k] {
+			return res, fmt.Errorf("frontend %v both updated and removed", k)
+		}
+		if _, ok := loaded[k]; ok {
+			gone[k] = true
 		}
 	}
-	for _, s := range desired {
+
+	// Capacity: count services after the change, and simulate slot usage in
+	// write order (deletions first, then each new slot set is written before
+	// the old one is freed) to find the peak.
+	count := len(loaded) - len(gone)
+	used := st.slots
+	for k := range gone {
+		used -= len(loaded[k].Slots)
+	}
+	peak := st.slots
+	for _, s := range upsert {
 		old, ok := loaded[s.Frontend]
-		if ok && slices.Equal(old.Slots, s.Slots) {
+		if !ok {
+			count++
+		} else if slices.Equal(old.Slots, s.Slots) {
 			continue
 		}
 		peak = max(peak, used+len(s.Slots))
 		used += len(s.Slots) - len(old.Slots)
 	}
+	if count > int(d.cfg.MaxServices) {
+		return res, fmt.Errorf("%w: %d services, the services map holds %d (datapath.maxServices)", ErrCapacity, count, d.cfg.MaxServices)
+	}
 	if peak > int(d.cfg.MaxSlots) {
 		return res, fmt.Errorf("%w: needs %d backend slots, the slots map holds %d (datapath.maxSlots)", ErrCapacity, peak, d.cfg.MaxSlots)
 	}
 
-	// Free ids.
-	usedIDs := map[uint32]bool{}
-	for _, ls := range loaded {
-		usedIDs[ls.ID] = true
-	}
-	for k, ls := range loaded {
-		if _, ok := want[k]; ok {
-			continue
-		}
+	for k := range gone {
+		ls := loaded[k]
 		if err := d.deleteService(k, ls); err != nil {
 			d.svcCache = nil // unknown state: read the maps again next time
 			return res, err
 		}
 		delete(loaded, k)
-		delete(usedIDs, ls.ID)
+		delete(st.ids, ls.ID)
+		st.slots -= len(ls.Slots)
 		res.Deleted++
 	}
-	next := uint32(0)
-	allocID := func() (uint32, error) {
-		for ; next < d.cfg.MaxServices; next++ {
-			if !usedIDs[next] {
-				usedIDs[next] = true
-				return next, nil
-			}
-		}
-		return 0, fmt.Errorf("%w: no free service id", ErrCapacity)
-	}
-	for _, s := range desired {
+	for _, s := range upsert {
 		old, ok := loaded[s.Frontend]
 		if ok && slices.Equal(old.Slots, s.Slots) {
 			res.IDs[s.Frontend] = old.ID
@@ -166,7 +209,7 @@ func (d *Datapath) SyncServices(desired []Service) (SyncResult, error) {
 		}
 		id := old.ID
 		if !ok {
-			if id, err = allocID(); err != nil {
+			if id, err = d.allocID(st); err != nil {
 				return res, err
 			}
 			if err := d.resetCounters(id); err != nil {
@@ -182,6 +225,8 @@ func (d *Datapath) SyncServices(desired []Service) (SyncResult, error) {
 			rev = 1 - old.Rev
 		}
 		loaded[s.Frontend] = LoadedService{ID: id, Rev: rev, Slots: slices.Clone(s.Slots)}
+		st.ids[id] = true
+		st.slots += len(s.Slots) - len(old.Slots)
 		res.IDs[s.Frontend] = id
 		if ok {
 			res.Updated++
@@ -189,9 +234,22 @@ func (d *Datapath) SyncServices(desired []Service) (SyncResult, error) {
 			res.Added++
 		}
 	}
-	res.SlotEntries = used
-	res.ServiceCount = len(want)
+	res.SlotEntries = st.slots
+	res.ServiceCount = len(loaded)
 	return res, nil
+}
+
+// allocID returns a free service id (the counter index).
+func (d *Datapath) allocID(st *svcState) (uint32, error) {
+	for range d.cfg.MaxServices {
+		id := st.nextID
+		st.nextID = (st.nextID + 1) % d.cfg.MaxServices
+		if !st.ids[id] {
+			st.ids[id] = true
+			return id, nil
+		}
+	}
+	return 0, fmt.Errorf("%w: no free service id", ErrCapacity)
 }
 
 func (d *Datapath) writeService(front Addr, id uint32, old LoadedService, existed bool, slots []Addr) error {
@@ -330,6 +388,22 @@ func (d *Datapath) SyncPods(desired map[uint64]PodInfo) error {
 		if c, ok := cur[k]; ok && c == v {
 			continue
 		}
+		if err := d.objs.Pods.Put(k, &v); err != nil {
+			return mapErr("pods", err)
+		}
+	}
+	return nil
+}
+
+// UpdatePods writes the pod entries in upsert and deletes the netns cookies in
+// remove; other entries are left alone.
+func (d *Datapath) UpdatePods(upsert map[uint64]PodInfo, remove []uint64) error {
+	for _, k := range remove {
+		if err := d.objs.Pods.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return mapErr("pods", err)
+		}
+	}
+	for k, v := range upsert {
 		if err := d.objs.Pods.Put(k, &v); err != nil {
 			return mapErr("pods", err)
 		}
