@@ -66,14 +66,12 @@ func newDesired() *desired {
 func (d *desired) state() *mesh.State {
 	st := &mesh.State{Services: make([]mesh.Service, 0, len(d.svcs)), Pods: make([]mesh.Pod, 0, len(d.pods))}
 	for _, n := range slices.Sorted(maps.Keys(d.svcs)) {
-		s := d.svcs[n].svc
-		s.Backends = slices.Clone(s.Backends)
-		st.Services = append(st.Services, s)
+		st.Services = append(st.Services, d.svcs[n].svc)
 	}
 	for _, n := range slices.Sorted(maps.Keys(d.pods)) {
 		st.Pods = append(st.Pods, d.pods[n].pod)
 	}
-	return st
+	return st.Clone()
 }
 
 // translate computes a service's datapath form: the frontend and the backend
@@ -161,7 +159,7 @@ func (ds *desired) normalize(src string, d Delta) (Delta, error) {
 			if cur.src != src {
 				return out, &mesh.FieldError{Field: podField(p.Name, "name"), Msg: fmt.Sprintf("pod name already defined by source %q", cur.src)}
 			}
-			if cur.pod == p {
+			if cur.pod.Equal(&p) {
 				continue
 			}
 		}
@@ -287,6 +285,7 @@ func (a *Agent) applyDelta(src string, in Delta) (Delta, error) {
 			return d, &mesh.FieldError{Field: podField(p.Name, "netns"), Msg: fmt.Sprintf("network namespace already enrolled as pod %q", other)}
 		}
 		claimedCookies[cookie] = p.Name
+		p.Sidecar = p.Sidecar.Clone()
 		newPods[i] = &podEntry{src: src, pod: p, cookie: cookie}
 		if cur != nil {
 			newPods[i].id = cur.id

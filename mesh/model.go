@@ -9,6 +9,7 @@ package mesh
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 )
@@ -129,8 +130,131 @@ type Pod struct {
 	// /proc/PID/ns/net). The agent resolves it to a netns cookie.
 	NetNS string `json:"netns"`
 	// SocketLB overrides the global hostNamespaceOnly for this pod.
-	SocketLB HostNSOnly  `json:"socketLB,omitempty"`
-	Sockmap  SockmapMode `json:"sockmap,omitempty"`
+	SocketLB HostNSOnly `json:"socketLB,omitempty"`
+	// Sockmap is the acceleration mode (shunt.dev/sockmap); "" = auto.
+	Sockmap SockmapMode `json:"sockmap,omitempty"`
+	// Sidecar, when set, steers the pod's outbound TCP connections to its
+	// sidecar proxy and same-node sidecars' connections to its inbound
+	// listener, without iptables.
+	Sidecar *Sidecar `json:"sidecar,omitempty"`
+}
+
+// Sidecar describes a pod's sidecar proxy (Istio conventions by default).
+type Sidecar struct {
+	// UID of the proxy's processes: their sockets are never steered.
+	// Default 1337.
+	UID uint32 `json:"uid,omitempty"`
+	// OutboundPort is the proxy's outbound listener on loopback
+	// (127.0.0.1 / ::1). Default 15001.
+	OutboundPort uint16 `json:"outboundPort,omitempty"`
+	// InboundPort is the proxy's inbound listener on the pod's addresses.
+	// Default 15006.
+	InboundPort uint16 `json:"inboundPort,omitempty"`
+	// ExcludeOutboundPorts are destination ports never steered
+	// (traffic.sidecar.istio.io/excludeOutboundPorts).
+	ExcludeOutboundPorts []uint16 `json:"excludeOutboundPorts,omitempty"`
+	// ExcludeOutboundCIDRs are destinations never steered
+	// (traffic.sidecar.istio.io/excludeOutboundIPRanges).
+	ExcludeOutboundCIDRs []netip.Prefix `json:"excludeOutboundCIDRs,omitempty"`
+	// IncludeOutboundCIDRs, when not empty, limit steering to these
+	// destinations (traffic.sidecar.istio.io/includeOutboundIPRanges;
+	// empty = "*" = everything). Exclusions win.
+	IncludeOutboundCIDRs []netip.Prefix `json:"includeOutboundCIDRs,omitempty"`
+	// ExcludeInboundPorts are ports of this pod that same-node sidecars
+	// reach directly, not through InboundPort
+	// (traffic.sidecar.istio.io/excludeInboundPorts).
+	ExcludeInboundPorts []uint16 `json:"excludeInboundPorts,omitempty"`
+}
+
+// Clone returns a deep copy (nil for nil).
+func (s *Sidecar) Clone() *Sidecar {
+	if s == nil {
+		return nil
+	}
+	c := *s
+	c.ExcludeOutboundPorts = slices.Clone(s.ExcludeOutboundPorts)
+	c.ExcludeOutboundCIDRs = slices.Clone(s.ExcludeOutboundCIDRs)
+	c.IncludeOutboundCIDRs = slices.Clone(s.IncludeOutboundCIDRs)
+	c.ExcludeInboundPorts = slices.Clone(s.ExcludeInboundPorts)
+	return &c
+}
+
+// Sidecar defaults (Istio's).
+const (
+	DefaultSidecarUID   = 1337
+	DefaultOutboundPort = 15001
+	DefaultInboundPort  = 15006
+	// MaxSidecarPorts and MaxSidecarCIDRs bound each list (the datapath
+	// keeps them in fixed-size arrays).
+	MaxSidecarPorts = 16
+	MaxSidecarCIDRs = 16
+)
+
+// WithDefaults returns a copy with the defaults filled in.
+func (s Sidecar) WithDefaults() Sidecar {
+	if s.UID == 0 {
+		s.UID = DefaultSidecarUID
+	}
+	if s.OutboundPort == 0 {
+		s.OutboundPort = DefaultOutboundPort
+	}
+	if s.InboundPort == 0 {
+		s.InboundPort = DefaultInboundPort
+	}
+	return s
+}
+
+// Equal tells whether p and q describe the same enrollment.
+func (p *Pod) Equal(q *Pod) bool {
+	if p.Name != q.Name || p.NetNS != q.NetNS || p.SocketLB != q.SocketLB || p.Sockmap != q.Sockmap {
+		return false
+	}
+	if (p.Sidecar == nil) != (q.Sidecar == nil) {
+		return false
+	}
+	if p.Sidecar == nil {
+		return true
+	}
+	a, b := p.Sidecar, q.Sidecar
+	return a.UID == b.UID && a.OutboundPort == b.OutboundPort && a.InboundPort == b.InboundPort &&
+		slices.Equal(a.ExcludeOutboundPorts, b.ExcludeOutboundPorts) &&
+		slices.Equal(a.ExcludeOutboundCIDRs, b.ExcludeOutboundCIDRs) &&
+		slices.Equal(a.IncludeOutboundCIDRs, b.IncludeOutboundCIDRs) &&
+		slices.Equal(a.ExcludeInboundPorts, b.ExcludeInboundPorts)
+}
+
+func (s *Sidecar) validate(prefix string) error {
+	d := s.WithDefaults()
+	if d.OutboundPort == d.InboundPort {
+		return fieldErr(prefix+".inboundPort", "must differ from outboundPort (%d)", d.OutboundPort)
+	}
+	for _, l := range []struct {
+		name  string
+		ports []uint16
+	}{{"excludeOutboundPorts", s.ExcludeOutboundPorts}, {"excludeInboundPorts", s.ExcludeInboundPorts}} {
+		if len(l.ports) > MaxSidecarPorts {
+			return fieldErr(prefix+"."+l.name, "%d ports, at most %d", len(l.ports), MaxSidecarPorts)
+		}
+		for i, p := range l.ports {
+			if p == 0 {
+				return fieldErr(fmt.Sprintf("%s.%s[%d]", prefix, l.name, i), "port must not be 0")
+			}
+		}
+	}
+	for _, l := range []struct {
+		name  string
+		cidrs []netip.Prefix
+	}{{"excludeOutboundCIDRs", s.ExcludeOutboundCIDRs}, {"includeOutboundCIDRs", s.IncludeOutboundCIDRs}} {
+		if len(l.cidrs) > MaxSidecarCIDRs {
+			return fieldErr(prefix+"."+l.name, "%d ranges, at most %d", len(l.cidrs), MaxSidecarCIDRs)
+		}
+		for i, c := range l.cidrs {
+			if !c.IsValid() || c.Addr().Is4In6() || c.Addr().Zone() != "" {
+				return fieldErr(fmt.Sprintf("%s.%s[%d]", prefix, l.name, i), "invalid range %q", c)
+			}
+		}
+	}
+	return nil
 }
 
 // State is the complete desired state.
@@ -294,13 +418,22 @@ func (st *State) Validate() error {
 		default:
 			return fieldErr(pp+".sockmap", "unknown value %q (want auto, on or off)", p.Sockmap)
 		}
+		if p.Sidecar != nil {
+			if err := p.Sidecar.validate(pp + ".sidecar"); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }
 
 // Clone returns a deep copy.
 func (st *State) Clone() *State {
-	out := &State{Services: make([]Service, len(st.Services)), Pods: append([]Pod(nil), st.Pods...)}
+	out := &State{Services: make([]Service, len(st.Services)), Pods: make([]Pod, len(st.Pods))}
+	for i, p := range st.Pods {
+		p.Sidecar = p.Sidecar.Clone()
+		out.Pods[i] = p
+	}
 	for i, s := range st.Services {
 		s.Backends = append([]Backend(nil), s.Backends...)
 		out.Services[i] = s
