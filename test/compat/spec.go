@@ -106,9 +106,9 @@ type Spec struct {
 	// Chunk, if set, splits every message into writes of sizes drawn from
 	// it (applications write in pieces; the reader then sees the message
 	// arrive in parts). Unset: writes of up to 256 KiB.
-	Chunk Sizes `json:"chunk,omitempty"`
-	Client  Side          `json:"client"`
-	Server  Side          `json:"server"`
+	Chunk  Sizes `json:"chunk,omitempty"`
+	Client Side  `json:"client"`
+	Server Side  `json:"server"`
 	// Abort "client" or "server": that end, in round AbortRound, sends
 	// AbortBytes of its message, waits 100 ms and resets the connection
 	// (SO_LINGER 0 + close). The other end, reading, must see ECONNRESET
