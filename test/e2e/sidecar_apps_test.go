@@ -128,38 +128,57 @@ func askApp(args []string) int {
 	fs := flag.NewFlagSet("ask", flag.ContinueOnError)
 	target := fs.String("target", "", "address to connect to")
 	n := fs.Int("bytes", 1<<20, "bytes to send and expect back")
+	dur := fs.Duration("duration", 0, "send for this long instead (64 KiB chunks, 1 ms apart)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	if err := ask(*target, *n); err != nil {
+	if err := ask(*target, *n, *dur); err != nil {
 		fmt.Println("ERROR", err)
 		return 1
 	}
 	return 0
 }
 
-func ask(target string, n int) error {
+func ask(target string, n int, dur time.Duration) error {
 	c, err := net.DialTimeout("tcp", target, 5*time.Second)
 	if err != nil {
 		return err
 	}
 	tc := c.(*net.TCPConn)
 	defer tc.Close()
-	tc.SetDeadline(time.Now().Add(20 * time.Second))
+	tc.SetDeadline(time.Now().Add(20*time.Second + dur))
 	r := bufio.NewReader(tc)
 	line, err := r.ReadString('\n')
 	if err != nil {
 		return fmt.Errorf("read ORIG line: %w", err)
 	}
-	data := make([]byte, n)
-	rand.Read(data)
+	sent := sha256.New()
+	var total int64
 	werr := make(chan error, 1)
 	go func() {
-		_, err := tc.Write(data)
-		if err == nil {
-			err = tc.CloseWrite()
-		}
-		werr <- err
+		werr <- func() error {
+			if dur == 0 {
+				data := make([]byte, n)
+				rand.Read(data)
+				sent.Write(data)
+				total = int64(n)
+				if _, err := tc.Write(data); err != nil {
+					return err
+				}
+				return tc.CloseWrite()
+			}
+			chunk := make([]byte, 64<<10)
+			for end := time.Now().Add(dur); time.Now().Before(end); {
+				rand.Read(chunk)
+				sent.Write(chunk)
+				total += int64(len(chunk))
+				if _, err := tc.Write(chunk); err != nil {
+					return err
+				}
+				time.Sleep(time.Millisecond)
+			}
+			return tc.CloseWrite()
+		}()
 	}()
 	h := sha256.New()
 	got, err := io.Copy(h, struct{ io.Reader }{r})
@@ -169,9 +188,8 @@ func ask(target string, n int) error {
 	if err := <-werr; err != nil {
 		return fmt.Errorf("write: %w", err)
 	}
-	want := sha256.Sum256(data)
-	if got != int64(n) || !bytes.Equal(h.Sum(nil), want[:]) {
-		return fmt.Errorf("echo: %d bytes, checksum mismatch=%v (sent %d)", got, !bytes.Equal(h.Sum(nil), want[:]), n)
+	if got != total || !bytes.Equal(h.Sum(nil), sent.Sum(nil)) {
+		return fmt.Errorf("echo: %d bytes, checksum mismatch=%v (sent %d)", got, !bytes.Equal(h.Sum(nil), sent.Sum(nil)), total)
 	}
 	if !strings.HasPrefix(line, "ORIG ") {
 		return errors.New("no ORIG line: " + line)
