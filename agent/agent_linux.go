@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -56,6 +57,9 @@ type Agent struct {
 	state   *desired
 	subs    []func(Delta)
 	started time.Time
+	// selfTest is the sockmap self-test's result on this kernel; auto
+	// accelerates nothing unless it passed.
+	selfTest datapath.SelfTestResult
 }
 
 // New loads the datapath (adopting pinned state), and reconciles it to the
@@ -92,6 +96,12 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Agent, error
 		return nil, err
 	}
 	a.dp = dp
+	a.selfTest = dp.SelfTest()
+	if a.selfTest.Passed {
+		log.Info("sockmap self-test passed: sockmap auto accelerates sidecar-to-sidecar connections")
+	} else {
+		log.Warn("sockmap self-test failed: sockmap auto accelerates nothing on this kernel", "checks", a.selfTest.Checks)
+	}
 	a.metrics = newMetrics(a)
 	if reg != nil {
 		if err := reg.Register(a.metrics); err != nil {
@@ -205,6 +215,8 @@ func socklbMode(m mesh.HostNSOnly) uint8 {
 	}
 	return uint8(bpf.SockmeshSocklbModeSOCKLB_INHERIT)
 }
+
+func (a *Agent) sockmapSafe() bool { return a.selfTest.Passed }
 
 // configDelta is the configuration source's whole desired state: the file
 // plus the run-time changes.
@@ -376,19 +388,20 @@ func cmpString(a, b string) int {
 
 // Status is what `shuntctl status` shows.
 type Status struct {
-	Version           string              `json:"version"`
-	LayoutVersion     uint32              `json:"layoutVersion"`
-	Cgroup            string              `json:"cgroup"`
-	BPFFS             string              `json:"bpffs"`
-	Adopted           bool                `json:"adopted"`
-	HostNamespaceOnly bool                `json:"hostNamespaceOnly"`
-	HostNetNSCookie   uint64              `json:"hostNetNSCookie"`
-	Uptime            string              `json:"uptime"`
-	Services          int                 `json:"services"`
-	Pods              []PodStatus         `json:"pods"`
-	Links             []datapath.LinkInfo `json:"links"`
-	Maps              []datapath.MapFill  `json:"maps"`
-	Counters          map[string]uint64   `json:"counters"`
+	Version           string                  `json:"version"`
+	LayoutVersion     uint32                  `json:"layoutVersion"`
+	Cgroup            string                  `json:"cgroup"`
+	BPFFS             string                  `json:"bpffs"`
+	Adopted           bool                    `json:"adopted"`
+	HostNamespaceOnly bool                    `json:"hostNamespaceOnly"`
+	HostNetNSCookie   uint64                  `json:"hostNetNSCookie"`
+	Uptime            string                  `json:"uptime"`
+	Services          int                     `json:"services"`
+	Pods              []PodStatus             `json:"pods"`
+	Links             []datapath.LinkInfo     `json:"links"`
+	Maps              []datapath.MapFill      `json:"maps"`
+	Counters          map[string]uint64       `json:"counters"`
+	SockmapSelfTest   datapath.SelfTestResult `json:"sockmapSelfTest"`
 }
 
 // PodStatus is an enrolled pod.
@@ -397,6 +410,11 @@ type PodStatus struct {
 	Source string `json:"source"`
 	ID     uint32 `json:"id"`
 	Cookie uint64 `json:"netnsCookie"`
+	// IPs are the addresses in use (given or read from the namespace).
+	Addrs []netip.Addr `json:"addrs,omitempty"`
+	// Counters are the pod's datapath counters by name (steering,
+	// original-destination answers, sockmap).
+	Counters map[string]uint64 `json:"counters,omitempty"`
 }
 
 // Version is set by the linker.
@@ -407,12 +425,20 @@ func (a *Agent) Status() (Status, error) {
 	a.mu.Lock()
 	st := Status{Version: Version, LayoutVersion: datapath.LayoutVersion, Cgroup: a.cfg.Datapath.Cgroup, BPFFS: a.cfg.Datapath.Root,
 		Adopted: a.dp.Adopted, HostNamespaceOnly: a.cfg.SocketLB.HostNamespaceOnly, HostNetNSCookie: a.hostCookie,
-		Uptime: time.Since(a.started).Round(time.Second).String(), Services: len(a.state.svcs)}
+		Uptime: time.Since(a.started).Round(time.Second).String(), Services: len(a.state.svcs), SockmapSelfTest: a.selfTest}
 	for _, n := range slices.Sorted(maps.Keys(a.state.pods)) {
 		e := a.state.pods[n]
-		st.Pods = append(st.Pods, PodStatus{Pod: e.pod, Source: e.src, ID: e.id, Cookie: e.cookie})
+		st.Pods = append(st.Pods, PodStatus{Pod: e.pod, Source: e.src, ID: e.id, Cookie: e.cookie, Addrs: e.ips})
 	}
 	a.mu.Unlock()
+	for i := range st.Pods {
+		if c, err := a.dp.PodCounters(st.Pods[i].ID); err == nil {
+			st.Pods[i].Counters = map[string]uint64{}
+			for j, v := range c {
+				st.Pods[i].Counters[PodStatNames[j]] = v
+			}
+		}
+	}
 	st.Links = a.dp.Links()
 	fill, err := a.dp.Fill()
 	if err != nil {

@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"strconv"
+	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -18,7 +19,27 @@ var StatNames = []string{
 	"revnat_fail",
 	"revnat_hit",
 	"v4mapped",
+	"origdst_fail",
+	"sockhash_fail",
+	"msg_redirect",
+	"msg_miss",
 }
+
+// PodStatNames labels enum pod_stat (bpf/lib/shunt.h), in order.
+var PodStatNames = []string{
+	"steer_outbound",
+	"steer_inbound",
+	"steer_skip",
+	"origdst_answer",
+	"sock_insert",
+	"sock_close",
+	"sock_fallback",
+	"msg_redirect",
+	"bytes_redirect",
+	"msg_miss",
+}
+
+var _ = [1]int{}[len(PodStatNames)-int(bpf.SockmeshPodStatPOD_STAT_MAX)] // len(PodStatNames) == POD_STAT_MAX
 
 var _ = [1]int{}[len(StatNames)-int(bpf.SockmeshShuntStatSTAT_MAX)] // len(StatNames) == STAT_MAX
 
@@ -30,6 +51,8 @@ type metrics struct {
 	capacityErrors prometheus.Counter
 
 	translations, noBackend, entries, capacity, events, services, pods, info *prometheus.Desc
+
+	podEvents, sockmapSockets, selfTest *prometheus.Desc
 }
 
 func newMetrics(a *Agent) *metrics {
@@ -49,6 +72,13 @@ func newMetrics(a *Agent) *metrics {
 		services:     prometheus.NewDesc("shunt_services", "Services in the datapath.", nil, nil),
 		pods:         prometheus.NewDesc("shunt_pods_enrolled", "Pods enrolled by network-namespace cookie.", nil, nil),
 		info:         prometheus.NewDesc("shunt_build_info", "Agent version and map layout version.", []string{"version", "layout"}, nil),
+		podEvents: prometheus.NewDesc("shunt_pod_events_total", "Sidecar steering and sockmap events of enrolled pods, summed per namespace "+
+			"(steer_outbound: app connection sent to its sidecar; steer_inbound: sidecar connection sent to a same-node pod's inbound listener; "+
+			"steer_skip: left alone (excluded, loopback); origdst_answer: SO_ORIGINAL_DST answered; sock_insert/sock_close: sockets put in / closed from the sockhash; "+
+			"sock_fallback: would accelerate but the self-test did not pass; msg_redirect/bytes_redirect: sends short-circuited to the peer socket; msg_miss: peer not accelerated, normal stack).",
+			[]string{"namespace", "event"}, nil),
+		sockmapSockets: prometheus.NewDesc("shunt_sockmap_sockets", "Sockets of the namespace's pods in the sockhash (inserted minus closed).", []string{"namespace"}, nil),
+		selfTest:       prometheus.NewDesc("shunt_sockmap_selftest_passed", "1 when the sockmap self-test passed on this kernel (sockmap auto accelerates), 0 when it failed (auto accelerates nothing).", nil, nil),
 	}
 }
 
@@ -69,7 +99,7 @@ func (m *metrics) reconcile(err error) {
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	m.reconciles.Describe(ch)
 	m.capacityErrors.Describe(ch)
-	for _, d := range []*prometheus.Desc{m.translations, m.noBackend, m.entries, m.capacity, m.events, m.services, m.pods, m.info} {
+	for _, d := range []*prometheus.Desc{m.translations, m.noBackend, m.entries, m.capacity, m.events, m.services, m.pods, m.info, m.podEvents, m.sockmapSockets, m.selfTest} {
 		ch <- d
 	}
 }
@@ -89,7 +119,38 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		svcs = append(svcs, svc{n, e.svc.Frontend.String(), e.id})
 	}
 	npods := len(a.state.pods)
+	podNS := make(map[uint32]string, npods)
+	for n, e := range a.state.pods {
+		podNS[e.id] = namespaceOf(n)
+	}
 	a.mu.Unlock()
+	perNS := map[string][]uint64{}
+	for id, ns := range podNS {
+		c, err := a.dp.PodCounters(id)
+		if err != nil {
+			continue
+		}
+		sum := perNS[ns]
+		if sum == nil {
+			sum = make([]uint64, len(c))
+			perNS[ns] = sum
+		}
+		for i, v := range c {
+			sum[i] += v
+		}
+	}
+	for ns, c := range perNS {
+		for i, v := range c {
+			ch <- prometheus.MustNewConstMetric(m.podEvents, prometheus.CounterValue, float64(v), ns, PodStatNames[i])
+		}
+		ins, cl := c[bpf.SockmeshPodStatPOD_STAT_SOCK_INSERT], c[bpf.SockmeshPodStatPOD_STAT_SOCK_CLOSE]
+		ch <- prometheus.MustNewConstMetric(m.sockmapSockets, prometheus.GaugeValue, float64(ins-min(ins, cl)), ns)
+	}
+	passed := 0.0
+	if a.selfTest.Passed {
+		passed = 1
+	}
+	ch <- prometheus.MustNewConstMetric(m.selfTest, prometheus.GaugeValue, passed)
 	ch <- prometheus.MustNewConstMetric(m.services, prometheus.GaugeValue, float64(len(svcs)))
 	ch <- prometheus.MustNewConstMetric(m.pods, prometheus.GaugeValue, float64(npods))
 	for _, s := range svcs {
@@ -111,4 +172,13 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(m.events, prometheus.CounterValue, float64(v), StatNames[i])
 		}
 	}
+}
+
+// namespaceOf returns the namespace part of a pod name "namespace/name"
+// ("" for names without one).
+func namespaceOf(pod string) string {
+	if i := strings.IndexByte(pod, '/'); i >= 0 {
+		return pod[:i]
+	}
+	return ""
 }

@@ -3,6 +3,7 @@ package agent
 import (
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 
 	"github.com/shuntmesh/shunt/agent/datapath"
@@ -43,7 +44,29 @@ type podEntry struct {
 	src    string
 	pod    mesh.Pod
 	cookie uint64
+	ips    []netip.Addr // pod.IPs, or read from the namespace
 	id     uint32
+}
+
+// datapathPod is the pod's datapath form.
+func (pe *podEntry) datapathPod() datapath.Pod {
+	p := datapath.Pod{Info: datapath.PodInfo{Id: pe.id, Socklb: socklbMode(pe.pod.SocketLB), Sockmap: sockmapMode(pe.pod.Sockmap)}, IPs: pe.ips}
+	if pe.pod.Sidecar != nil {
+		sc := datapath.MakeSidecar(*pe.pod.Sidecar)
+		p.Sidecar = &sc
+		p.Info.Flags |= datapath.PodFlagSidecar
+	}
+	return p
+}
+
+func sockmapMode(m mesh.SockmapMode) uint8 {
+	switch m {
+	case mesh.SockmapOn:
+		return datapath.SockmapOn
+	case mesh.SockmapOff:
+		return datapath.SockmapOff
+	}
+	return datapath.SockmapAuto
 }
 
 // desired is the agent's desired state, indexed so that a change costs in
@@ -54,12 +77,13 @@ type desired struct {
 	fronts  map[mesh.Frontend]string
 	pods    map[string]*podEntry
 	cookies map[uint64]string
+	podIPs  map[netip.Addr]string
 	podIDs  map[uint32]bool
 }
 
 func newDesired() *desired {
 	return &desired{svcs: map[string]*svcEntry{}, fronts: map[mesh.Frontend]string{},
-		pods: map[string]*podEntry{}, cookies: map[uint64]string{}, podIDs: map[uint32]bool{}}
+		pods: map[string]*podEntry{}, cookies: map[uint64]string{}, podIPs: map[netip.Addr]string{}, podIDs: map[uint32]bool{}}
 }
 
 // state returns the desired state as a mesh.State sorted by name.
@@ -261,32 +285,55 @@ func (a *Agent) applyDelta(src string, in Delta) (Delta, error) {
 		return d, err
 	}
 	freedCookies := map[uint64]bool{}
+	freedIPs := map[netip.Addr]bool{}
 	for _, n := range d.DeletePods {
 		freedCookies[ds.pods[n].cookie] = true
+		for _, ip := range ds.pods[n].ips {
+			freedIPs[ip] = true
+		}
 	}
 	newPods := make([]*podEntry, len(d.Pods))
 	claimedCookies := map[uint64]string{}
+	claimedIPs := map[netip.Addr]string{}
 	for i, p := range d.Pods {
 		cur := ds.pods[p.Name]
 		var cookie uint64
+		ips := slices.Clone(p.IPs)
 		if cur != nil && cur.pod.NetNS == p.NetNS {
 			cookie = cur.cookie
+			if len(ips) == 0 {
+				ips = cur.ips
+			}
 		} else {
 			c, err := datapath.NetNSCookie(p.NetNS)
 			if err != nil {
 				return d, &mesh.FieldError{Field: podField(p.Name, "netns"), Msg: err.Error()}
 			}
 			cookie = c
+			if len(ips) == 0 {
+				if ips, err = datapath.NetNSAddrs(p.NetNS); err != nil {
+					return d, &mesh.FieldError{Field: podField(p.Name, "netns"), Msg: err.Error()}
+				}
+			}
 		}
 		if cur != nil {
 			freedCookies[cur.cookie] = true
+			for _, ip := range cur.ips {
+				freedIPs[ip] = true
+			}
+		}
+		for _, ip := range ips {
+			if other, ok := claimedIPs[ip]; ok {
+				return d, &mesh.FieldError{Field: podField(p.Name, "ips"), Msg: fmt.Sprintf("address %s already belongs to pod %q", ip, other)}
+			}
+			claimedIPs[ip] = p.Name
 		}
 		if other, ok := claimedCookies[cookie]; ok {
 			return d, &mesh.FieldError{Field: podField(p.Name, "netns"), Msg: fmt.Sprintf("network namespace already enrolled as pod %q", other)}
 		}
 		claimedCookies[cookie] = p.Name
 		p.Sidecar = p.Sidecar.Clone()
-		newPods[i] = &podEntry{src: src, pod: p, cookie: cookie}
+		newPods[i] = &podEntry{src: src, pod: p, cookie: cookie, ips: ips}
 		if cur != nil {
 			newPods[i].id = cur.id
 		}
@@ -294,6 +341,11 @@ func (a *Agent) applyDelta(src string, in Delta) (Delta, error) {
 	for c, name := range claimedCookies {
 		if other, ok := ds.cookies[c]; ok && other != name && !freedCookies[c] {
 			return d, &mesh.FieldError{Field: podField(name, "netns"), Msg: fmt.Sprintf("network namespace already enrolled as pod %q", other)}
+		}
+	}
+	for ip, name := range claimedIPs {
+		if other, ok := ds.podIPs[ip]; ok && other != name && !freedIPs[ip] {
+			return d, &mesh.FieldError{Field: podField(name, "ips"), Msg: fmt.Sprintf("address %s already belongs to pod %q", ip, other)}
 		}
 	}
 	if n := len(ds.pods) - len(d.DeletePods) + countNew(d.Pods, ds.pods); n > int(a.cfg.Datapath.MaxPods) {
@@ -333,15 +385,25 @@ func (a *Agent) applyDelta(src string, in Delta) (Delta, error) {
 			rmCookies = append(rmCookies, cur.cookie)
 		}
 	}
-	upPods := make(map[uint64]datapath.PodInfo, len(newPods))
+	var rmIPs []netip.Addr
+	for ip := range freedIPs {
+		if claimedIPs[ip] == "" {
+			rmIPs = append(rmIPs, ip)
+		}
+	}
+	upPods := make(map[uint64]datapath.Pod, len(newPods))
 	taken := map[uint32]bool{}
 	for _, pe := range newPods {
 		if pe.id == 0 {
 			pe.id = ds.allocPodID(taken)
+			if err := a.dp.ResetPodCounters(pe.id); err != nil {
+				a.repairAfter()
+				return d, err
+			}
 		}
-		upPods[pe.cookie] = datapath.PodInfo{Id: pe.id, Socklb: socklbMode(pe.pod.SocketLB)}
+		upPods[pe.cookie] = pe.datapathPod()
 	}
-	if err := a.dp.UpdatePods(upPods, rmCookies); err != nil {
+	if err := a.dp.UpdatePods(upPods, rmCookies, rmIPs); err != nil {
 		// The services are written already: put everything back.
 		a.repairAfter()
 		return d, err
@@ -366,21 +428,32 @@ func (a *Agent) applyDelta(src string, in Delta) (Delta, error) {
 	for i := range d.Services {
 		ds.fronts[d.Services[i].Frontend] = d.Services[i].Name
 	}
-	for _, n := range d.DeletePods {
-		if c := ds.pods[n].cookie; ds.cookies[c] == n {
-			delete(ds.cookies, c)
+	forget := func(pe *podEntry) {
+		if ds.cookies[pe.cookie] == pe.pod.Name {
+			delete(ds.cookies, pe.cookie)
 		}
+		for _, ip := range pe.ips {
+			if ds.podIPs[ip] == pe.pod.Name {
+				delete(ds.podIPs, ip)
+			}
+		}
+	}
+	for _, n := range d.DeletePods {
+		forget(ds.pods[n])
 		delete(ds.podIDs, ds.pods[n].id)
 		delete(ds.pods, n)
 	}
 	for _, pe := range newPods {
-		if cur := ds.pods[pe.pod.Name]; cur != nil && ds.cookies[cur.cookie] == pe.pod.Name {
-			delete(ds.cookies, cur.cookie)
+		if cur := ds.pods[pe.pod.Name]; cur != nil {
+			forget(cur)
 		}
 		ds.pods[pe.pod.Name] = pe
 	}
 	for _, pe := range newPods {
 		ds.cookies[pe.cookie] = pe.pod.Name
+		for _, ip := range pe.ips {
+			ds.podIPs[ip] = pe.pod.Name
+		}
 		ds.podIDs[pe.id] = true
 	}
 	if res.Added+res.Updated+res.Deleted > 0 || len(upPods)+len(rmCookies) > 0 {
@@ -437,14 +510,14 @@ func (a *Agent) resyncLocked() error {
 		for i, n := range names {
 			ds.svcs[n].id = res.IDs[svcs[i].Frontend]
 		}
-		pods := make(map[uint64]datapath.PodInfo, len(ds.pods))
+		pods := make(map[uint64]datapath.Pod, len(ds.pods))
 		for _, pe := range ds.pods {
-			pods[pe.cookie] = datapath.PodInfo{Id: pe.id, Socklb: socklbMode(pe.pod.SocketLB)}
+			pods[pe.cookie] = pe.datapathPod()
 		}
 		err = a.dp.SyncPods(pods)
 	}
 	if err == nil {
-		err = a.dp.SetConfig(a.hostCookie, a.cfg.SocketLB.HostNamespaceOnly)
+		err = a.dp.SetConfig(a.hostCookie, a.cfg.SocketLB.HostNamespaceOnly, a.sockmapSafe())
 	}
 	a.metrics.reconcile(err)
 	if err != nil {

@@ -7,7 +7,7 @@
 // live in agent/datapath.
 package bpf
 
-//go:generate go tool bpf2go -cc clang-19 -strip llvm-strip-19 -target bpfel -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -type shunt_addr -type svc_value -type slot_key -type revnat_key -type pod_info -type shunt_config -type shunt_meta -type svc_stats Sockmesh sockmesh.c
+//go:generate go tool bpf2go -cc clang-19 -strip llvm-strip-19 -target bpfel -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -type shunt_addr -type svc_value -type slot_key -type revnat_key -type pod_info -type shunt_config -type shunt_meta -type svc_stats -type sidecar_cfg -type shunt_cidr -type local_ip_key -type local_ip -type sock_key -type pod_stats Sockmesh sockmesh.c
 
 // LayoutVersion is SHUNT_LAYOUT_VERSION from lib/shunt.h: the version of the
 // pinned map layout.

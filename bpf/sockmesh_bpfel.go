@@ -13,12 +13,56 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type SockmeshConfigFlags uint32
+
+const (
+	SockmeshConfigFlagsCONFIG_F_SOCKMAP_SAFE SockmeshConfigFlags = 1
+)
+
+type SockmeshLocalIp struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+}
+
+type SockmeshLocalIpKey struct {
+	_      structs.HostLayout
+	Ip     [4]uint32
+	Family uint32
+}
+
+type SockmeshPodFlags uint32
+
+const (
+	SockmeshPodFlagsPOD_F_SIDECAR SockmeshPodFlags = 1
+)
+
 type SockmeshPodInfo struct {
 	_       structs.HostLayout
 	Id      uint32
 	Socklb  uint8
 	Sockmap uint8
 	Flags   uint16
+}
+
+type SockmeshPodStat uint32
+
+const (
+	SockmeshPodStatPOD_STAT_STEER_OUTBOUND SockmeshPodStat = 0
+	SockmeshPodStatPOD_STAT_STEER_INBOUND  SockmeshPodStat = 1
+	SockmeshPodStatPOD_STAT_STEER_SKIP     SockmeshPodStat = 2
+	SockmeshPodStatPOD_STAT_ORIGDST_ANSWER SockmeshPodStat = 3
+	SockmeshPodStatPOD_STAT_SOCK_INSERT    SockmeshPodStat = 4
+	SockmeshPodStatPOD_STAT_SOCK_CLOSE     SockmeshPodStat = 5
+	SockmeshPodStatPOD_STAT_SOCK_FALLBACK  SockmeshPodStat = 6
+	SockmeshPodStatPOD_STAT_MSG_REDIRECT   SockmeshPodStat = 7
+	SockmeshPodStatPOD_STAT_BYTES_REDIRECT SockmeshPodStat = 8
+	SockmeshPodStatPOD_STAT_MSG_MISS       SockmeshPodStat = 9
+	SockmeshPodStatPOD_STAT_MAX            SockmeshPodStat = 10
+)
+
+type SockmeshPodStats struct {
+	_ structs.HostLayout
+	V [10]uint64
 }
 
 type SockmeshRevnatKey struct {
@@ -36,11 +80,19 @@ type SockmeshShuntAddr struct {
 	Proto  uint8
 }
 
+type SockmeshShuntCidr struct {
+	_         structs.HostLayout
+	Ip        [4]uint32
+	Family    uint8
+	PrefixLen uint8
+	Pad       uint16
+}
+
 type SockmeshShuntConfig struct {
 	_               structs.HostLayout
 	HostNetnsCookie uint64
 	HostNsOnly      uint32
-	Pad             uint32
+	Flags           uint32
 }
 
 type SockmeshShuntLayout uint32
@@ -58,13 +110,32 @@ type SockmeshShuntMeta struct {
 type SockmeshShuntStat uint32
 
 const (
-	SockmeshShuntStatSTAT_BYPASS_NETNS SockmeshShuntStat = 0
-	SockmeshShuntStatSTAT_SLOT_MISS    SockmeshShuntStat = 1
-	SockmeshShuntStatSTAT_REVNAT_FAIL  SockmeshShuntStat = 2
-	SockmeshShuntStatSTAT_REVNAT_HIT   SockmeshShuntStat = 3
-	SockmeshShuntStatSTAT_V4MAPPED     SockmeshShuntStat = 4
-	SockmeshShuntStatSTAT_MAX          SockmeshShuntStat = 5
+	SockmeshShuntStatSTAT_BYPASS_NETNS  SockmeshShuntStat = 0
+	SockmeshShuntStatSTAT_SLOT_MISS     SockmeshShuntStat = 1
+	SockmeshShuntStatSTAT_REVNAT_FAIL   SockmeshShuntStat = 2
+	SockmeshShuntStatSTAT_REVNAT_HIT    SockmeshShuntStat = 3
+	SockmeshShuntStatSTAT_V4MAPPED      SockmeshShuntStat = 4
+	SockmeshShuntStatSTAT_ORIGDST_FAIL  SockmeshShuntStat = 5
+	SockmeshShuntStatSTAT_SOCKHASH_FAIL SockmeshShuntStat = 6
+	SockmeshShuntStatSTAT_MSG_REDIRECT  SockmeshShuntStat = 7
+	SockmeshShuntStatSTAT_MSG_MISS      SockmeshShuntStat = 8
+	SockmeshShuntStatSTAT_MAX           SockmeshShuntStat = 9
 )
+
+type SockmeshSidecarCfg struct {
+	_             structs.HostLayout
+	Uid           uint32
+	OutboundPort  uint16
+	InboundPort   uint16
+	N_exclPorts   uint8
+	N_exclInPorts uint8
+	N_exclCidrs   uint8
+	N_inclCidrs   uint8
+	ExclPorts     [16]uint16
+	ExclInPorts   [16]uint16
+	ExclCidrs     [16]SockmeshShuntCidr
+	InclCidrs     [16]SockmeshShuntCidr
+}
 
 type SockmeshSlotKey struct {
 	_     structs.HostLayout
@@ -73,12 +144,30 @@ type SockmeshSlotKey struct {
 	Slot  uint16
 }
 
+type SockmeshSockKey struct {
+	_          structs.HostLayout
+	LocalIp    [4]uint32
+	RemoteIp   [4]uint32
+	Netns      uint64
+	LocalPort  uint16
+	RemotePort uint16
+	Family     uint32
+}
+
 type SockmeshSocklbMode uint32
 
 const (
 	SockmeshSocklbModeSOCKLB_INHERIT   SockmeshSocklbMode = 0
 	SockmeshSocklbModeSOCKLB_BYPASS    SockmeshSocklbMode = 1
 	SockmeshSocklbModeSOCKLB_TRANSLATE SockmeshSocklbMode = 2
+)
+
+type SockmeshSockmapMode uint32
+
+const (
+	SockmeshSockmapModeSOCKMAP_AUTO SockmeshSockmapMode = 0
+	SockmeshSockmapModeSOCKMAP_ON   SockmeshSockmapMode = 1
+	SockmeshSockmapModeSOCKMAP_OFF  SockmeshSockmapMode = 2
 )
 
 type SockmeshSvcStats struct {
@@ -100,23 +189,36 @@ type SockmeshSvcValue struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	SockmeshMapConfig             = "config"
+	SockmeshMapLocalIps           = "local_ips"
 	SockmeshMapMeta               = "meta"
+	SockmeshMapOrigdst            = "origdst"
+	SockmeshMapPodCounters        = "pod_counters"
 	SockmeshMapPods               = "pods"
 	SockmeshMapRevnat             = "revnat"
 	SockmeshMapServices           = "services"
+	SockmeshMapSidecars           = "sidecars"
 	SockmeshMapSlots              = "slots"
+	SockmeshMapSockHash           = "sock_hash"
 	SockmeshMapStats              = "stats"
+	SockmeshMapSteerPending       = "steer_pending"
 	SockmeshMapSvcCounters        = "svc_counters"
 	SockmeshProgShuntConnect4     = "shunt_connect4"
 	SockmeshProgShuntConnect6     = "shunt_connect6"
 	SockmeshProgShuntGetpeername4 = "shunt_getpeername4"
 	SockmeshProgShuntGetpeername6 = "shunt_getpeername6"
+	SockmeshProgShuntGetsockopt   = "shunt_getsockopt"
 	SockmeshProgShuntRecvmsg4     = "shunt_recvmsg4"
 	SockmeshProgShuntRecvmsg6     = "shunt_recvmsg6"
 	SockmeshProgShuntSendmsg4     = "shunt_sendmsg4"
 	SockmeshProgShuntSendmsg6     = "shunt_sendmsg6"
+	SockmeshProgShuntSkMsg        = "shunt_sk_msg"
+	SockmeshProgShuntSockops      = "shunt_sockops"
+	SockmeshVarUnusedConfigFlags  = "__unused_config_flags"
 	SockmeshVarUnusedLayout       = "__unused_layout"
+	SockmeshVarUnusedPodFlags     = "__unused_pod_flags"
+	SockmeshVarUnusedPodStat      = "__unused_pod_stat"
 	SockmeshVarUnusedSocklb       = "__unused_socklb"
+	SockmeshVarUnusedSockmap      = "__unused_sockmap"
 	SockmeshVarUnusedStat         = "__unused_stat"
 )
 
@@ -166,33 +268,46 @@ type SockmeshProgramSpecs struct {
 	ShuntConnect6     *ebpf.ProgramSpec `ebpf:"shunt_connect6"`
 	ShuntGetpeername4 *ebpf.ProgramSpec `ebpf:"shunt_getpeername4"`
 	ShuntGetpeername6 *ebpf.ProgramSpec `ebpf:"shunt_getpeername6"`
+	ShuntGetsockopt   *ebpf.ProgramSpec `ebpf:"shunt_getsockopt"`
 	ShuntRecvmsg4     *ebpf.ProgramSpec `ebpf:"shunt_recvmsg4"`
 	ShuntRecvmsg6     *ebpf.ProgramSpec `ebpf:"shunt_recvmsg6"`
 	ShuntSendmsg4     *ebpf.ProgramSpec `ebpf:"shunt_sendmsg4"`
 	ShuntSendmsg6     *ebpf.ProgramSpec `ebpf:"shunt_sendmsg6"`
+	ShuntSkMsg        *ebpf.ProgramSpec `ebpf:"shunt_sk_msg"`
+	ShuntSockops      *ebpf.ProgramSpec `ebpf:"shunt_sockops"`
 }
 
 // SockmeshMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockmeshMapSpecs struct {
-	Config      *ebpf.MapSpec `ebpf:"config"`
-	Meta        *ebpf.MapSpec `ebpf:"meta"`
-	Pods        *ebpf.MapSpec `ebpf:"pods"`
-	Revnat      *ebpf.MapSpec `ebpf:"revnat"`
-	Services    *ebpf.MapSpec `ebpf:"services"`
-	Slots       *ebpf.MapSpec `ebpf:"slots"`
-	Stats       *ebpf.MapSpec `ebpf:"stats"`
-	SvcCounters *ebpf.MapSpec `ebpf:"svc_counters"`
+	Config       *ebpf.MapSpec `ebpf:"config"`
+	LocalIps     *ebpf.MapSpec `ebpf:"local_ips"`
+	Meta         *ebpf.MapSpec `ebpf:"meta"`
+	Origdst      *ebpf.MapSpec `ebpf:"origdst"`
+	PodCounters  *ebpf.MapSpec `ebpf:"pod_counters"`
+	Pods         *ebpf.MapSpec `ebpf:"pods"`
+	Revnat       *ebpf.MapSpec `ebpf:"revnat"`
+	Services     *ebpf.MapSpec `ebpf:"services"`
+	Sidecars     *ebpf.MapSpec `ebpf:"sidecars"`
+	Slots        *ebpf.MapSpec `ebpf:"slots"`
+	SockHash     *ebpf.MapSpec `ebpf:"sock_hash"`
+	Stats        *ebpf.MapSpec `ebpf:"stats"`
+	SteerPending *ebpf.MapSpec `ebpf:"steer_pending"`
+	SvcCounters  *ebpf.MapSpec `ebpf:"svc_counters"`
 }
 
 // SockmeshVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockmeshVariableSpecs struct {
-	UnusedLayout *ebpf.VariableSpec `ebpf:"__unused_layout"`
-	UnusedSocklb *ebpf.VariableSpec `ebpf:"__unused_socklb"`
-	UnusedStat   *ebpf.VariableSpec `ebpf:"__unused_stat"`
+	UnusedConfigFlags *ebpf.VariableSpec `ebpf:"__unused_config_flags"`
+	UnusedLayout      *ebpf.VariableSpec `ebpf:"__unused_layout"`
+	UnusedPodFlags    *ebpf.VariableSpec `ebpf:"__unused_pod_flags"`
+	UnusedPodStat     *ebpf.VariableSpec `ebpf:"__unused_pod_stat"`
+	UnusedSocklb      *ebpf.VariableSpec `ebpf:"__unused_socklb"`
+	UnusedSockmap     *ebpf.VariableSpec `ebpf:"__unused_sockmap"`
+	UnusedStat        *ebpf.VariableSpec `ebpf:"__unused_stat"`
 }
 
 // SockmeshObjects contains all objects after they have been loaded into the kernel.
@@ -215,25 +330,37 @@ func (o *SockmeshObjects) Close() error {
 //
 // It can be passed to LoadSockmeshObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockmeshMaps struct {
-	Config      *ebpf.Map `ebpf:"config"`
-	Meta        *ebpf.Map `ebpf:"meta"`
-	Pods        *ebpf.Map `ebpf:"pods"`
-	Revnat      *ebpf.Map `ebpf:"revnat"`
-	Services    *ebpf.Map `ebpf:"services"`
-	Slots       *ebpf.Map `ebpf:"slots"`
-	Stats       *ebpf.Map `ebpf:"stats"`
-	SvcCounters *ebpf.Map `ebpf:"svc_counters"`
+	Config       *ebpf.Map `ebpf:"config"`
+	LocalIps     *ebpf.Map `ebpf:"local_ips"`
+	Meta         *ebpf.Map `ebpf:"meta"`
+	Origdst      *ebpf.Map `ebpf:"origdst"`
+	PodCounters  *ebpf.Map `ebpf:"pod_counters"`
+	Pods         *ebpf.Map `ebpf:"pods"`
+	Revnat       *ebpf.Map `ebpf:"revnat"`
+	Services     *ebpf.Map `ebpf:"services"`
+	Sidecars     *ebpf.Map `ebpf:"sidecars"`
+	Slots        *ebpf.Map `ebpf:"slots"`
+	SockHash     *ebpf.Map `ebpf:"sock_hash"`
+	Stats        *ebpf.Map `ebpf:"stats"`
+	SteerPending *ebpf.Map `ebpf:"steer_pending"`
+	SvcCounters  *ebpf.Map `ebpf:"svc_counters"`
 }
 
 func (m *SockmeshMaps) Close() error {
 	return _SockmeshClose(
 		m.Config,
+		m.LocalIps,
 		m.Meta,
+		m.Origdst,
+		m.PodCounters,
 		m.Pods,
 		m.Revnat,
 		m.Services,
+		m.Sidecars,
 		m.Slots,
+		m.SockHash,
 		m.Stats,
+		m.SteerPending,
 		m.SvcCounters,
 	)
 }
@@ -242,9 +369,13 @@ func (m *SockmeshMaps) Close() error {
 //
 // It can be passed to LoadSockmeshObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockmeshVariables struct {
-	UnusedLayout *ebpf.Variable `ebpf:"__unused_layout"`
-	UnusedSocklb *ebpf.Variable `ebpf:"__unused_socklb"`
-	UnusedStat   *ebpf.Variable `ebpf:"__unused_stat"`
+	UnusedConfigFlags *ebpf.Variable `ebpf:"__unused_config_flags"`
+	UnusedLayout      *ebpf.Variable `ebpf:"__unused_layout"`
+	UnusedPodFlags    *ebpf.Variable `ebpf:"__unused_pod_flags"`
+	UnusedPodStat     *ebpf.Variable `ebpf:"__unused_pod_stat"`
+	UnusedSocklb      *ebpf.Variable `ebpf:"__unused_socklb"`
+	UnusedSockmap     *ebpf.Variable `ebpf:"__unused_sockmap"`
+	UnusedStat        *ebpf.Variable `ebpf:"__unused_stat"`
 }
 
 // SockmeshPrograms contains all programs after they have been loaded into the kernel.
@@ -255,10 +386,13 @@ type SockmeshPrograms struct {
 	ShuntConnect6     *ebpf.Program `ebpf:"shunt_connect6"`
 	ShuntGetpeername4 *ebpf.Program `ebpf:"shunt_getpeername4"`
 	ShuntGetpeername6 *ebpf.Program `ebpf:"shunt_getpeername6"`
+	ShuntGetsockopt   *ebpf.Program `ebpf:"shunt_getsockopt"`
 	ShuntRecvmsg4     *ebpf.Program `ebpf:"shunt_recvmsg4"`
 	ShuntRecvmsg6     *ebpf.Program `ebpf:"shunt_recvmsg6"`
 	ShuntSendmsg4     *ebpf.Program `ebpf:"shunt_sendmsg4"`
 	ShuntSendmsg6     *ebpf.Program `ebpf:"shunt_sendmsg6"`
+	ShuntSkMsg        *ebpf.Program `ebpf:"shunt_sk_msg"`
+	ShuntSockops      *ebpf.Program `ebpf:"shunt_sockops"`
 }
 
 func (p *SockmeshPrograms) Close() error {
@@ -267,10 +401,13 @@ func (p *SockmeshPrograms) Close() error {
 		p.ShuntConnect6,
 		p.ShuntGetpeername4,
 		p.ShuntGetpeername6,
+		p.ShuntGetsockopt,
 		p.ShuntRecvmsg4,
 		p.ShuntRecvmsg6,
 		p.ShuntSendmsg4,
 		p.ShuntSendmsg6,
+		p.ShuntSkMsg,
+		p.ShuntSockops,
 	)
 }
 

@@ -133,6 +133,9 @@ type Pod struct {
 	SocketLB HostNSOnly `json:"socketLB,omitempty"`
 	// Sockmap is the acceleration mode (shunt.dev/sockmap); "" = auto.
 	Sockmap SockmapMode `json:"sockmap,omitempty"`
+	// IPs are the pod's addresses. Empty: the agent reads them from the
+	// network namespace.
+	IPs []netip.Addr `json:"ips,omitempty"`
 	// Sidecar, when set, steers the pod's outbound TCP connections to its
 	// sidecar proxy and same-node sidecars' connections to its inbound
 	// listener, without iptables.
@@ -206,7 +209,7 @@ func (s Sidecar) WithDefaults() Sidecar {
 
 // Equal tells whether p and q describe the same enrollment.
 func (p *Pod) Equal(q *Pod) bool {
-	if p.Name != q.Name || p.NetNS != q.NetNS || p.SocketLB != q.SocketLB || p.Sockmap != q.Sockmap {
+	if p.Name != q.Name || p.NetNS != q.NetNS || p.SocketLB != q.SocketLB || p.Sockmap != q.Sockmap || !slices.Equal(p.IPs, q.IPs) {
 		return false
 	}
 	if (p.Sidecar == nil) != (q.Sidecar == nil) {
@@ -423,6 +426,11 @@ func (st *State) Validate() error {
 				return err
 			}
 		}
+		for j, ip := range p.IPs {
+			if !ip.IsValid() || ip.IsUnspecified() || ip.IsLoopback() || ip.Is4In6() || ip.Zone() != "" {
+				return fieldErr(fmt.Sprintf("%s.ips[%d]", pp, j), "invalid pod address %q", ip)
+			}
+		}
 	}
 	return nil
 }
@@ -432,6 +440,7 @@ func (st *State) Clone() *State {
 	out := &State{Services: make([]Service, len(st.Services)), Pods: make([]Pod, len(st.Pods))}
 	for i, p := range st.Pods {
 		p.Sidecar = p.Sidecar.Clone()
+		p.IPs = slices.Clone(p.IPs)
 		out.Pods[i] = p
 	}
 	for i, s := range st.Services {

@@ -21,6 +21,9 @@ type Config struct {
 	MaxSlots    uint32 `json:"maxSlots,omitempty"`
 	MaxRevNAT   uint32 `json:"maxRevNAT,omitempty"`
 	MaxPods     uint32 `json:"maxPods,omitempty"`
+	// MaxSockets bounds the accelerated sockets (sockhash) and the
+	// original-destination records of steered connections.
+	MaxSockets uint32 `json:"maxSockets,omitempty"`
 }
 
 // Defaults for Config.
@@ -29,6 +32,7 @@ const (
 	DefaultMaxSlots    = 1 << 20
 	DefaultMaxRevNAT   = 1 << 18
 	DefaultMaxPods     = 16384
+	DefaultMaxSockets  = 1 << 17
 )
 
 // WithDefaults returns c with empty fields set to their defaults.
@@ -47,6 +51,9 @@ func (c Config) WithDefaults() Config {
 	}
 	if c.MaxPods == 0 {
 		c.MaxPods = DefaultMaxPods
+	}
+	if c.MaxSockets == 0 {
+		c.MaxSockets = DefaultMaxSockets
 	}
 	return c
 }
@@ -70,6 +77,9 @@ func (c Config) Validate() error {
 	}
 	if c.MaxPods < 16 || c.MaxPods > 1<<20 {
 		return fmt.Errorf("datapath.maxPods: %d out of range 16..%d", c.MaxPods, 1<<20)
+	}
+	if c.MaxSockets < 1024 || c.MaxSockets > 1<<24 {
+		return fmt.Errorf("datapath.maxSockets: %d out of range 1024..%d", c.MaxSockets, 1<<24)
 	}
 	return nil
 }

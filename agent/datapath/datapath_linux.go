@@ -66,6 +66,25 @@ var attachments = map[string]ebpf.AttachType{
 	bpf.SockmeshProgShuntRecvmsg6:     ebpf.AttachCGroupUDP6Recvmsg,
 	bpf.SockmeshProgShuntGetpeername4: ebpf.AttachCgroupInet4GetPeername,
 	bpf.SockmeshProgShuntGetpeername6: ebpf.AttachCgroupInet6GetPeername,
+	bpf.SockmeshProgShuntGetsockopt:   ebpf.AttachCGroupGetsockopt,
+	bpf.SockmeshProgShuntSockops:      ebpf.AttachCGroupSockOps,
+	bpf.SockmeshProgShuntSkMsg:        ebpf.AttachSkMsgVerdict, // to the sock_hash map, not the cgroup
+}
+
+// attachOrder: sk_msg is attached to the sockhash before sockops can put
+// sockets in it (a socket inserted first would never be redirected).
+var attachOrder = []string{
+	bpf.SockmeshProgShuntSkMsg,
+	bpf.SockmeshProgShuntGetsockopt,
+	bpf.SockmeshProgShuntConnect4,
+	bpf.SockmeshProgShuntConnect6,
+	bpf.SockmeshProgShuntSendmsg4,
+	bpf.SockmeshProgShuntSendmsg6,
+	bpf.SockmeshProgShuntRecvmsg4,
+	bpf.SockmeshProgShuntRecvmsg6,
+	bpf.SockmeshProgShuntGetpeername4,
+	bpf.SockmeshProgShuntGetpeername6,
+	bpf.SockmeshProgShuntSockops,
 }
 
 // Spec returns the sockmesh collection spec sized by cfg.
@@ -80,6 +99,11 @@ func Spec(cfg Config) (*ebpf.CollectionSpec, error) {
 		bpf.SockmeshMapSlots:       cfg.MaxSlots,
 		bpf.SockmeshMapRevnat:      cfg.MaxRevNAT,
 		bpf.SockmeshMapPods:        cfg.MaxPods,
+		bpf.SockmeshMapSidecars:    cfg.MaxPods,
+		bpf.SockmeshMapLocalIps:    2 * cfg.MaxPods,
+		bpf.SockmeshMapPodCounters: cfg.MaxPods + 1, // ids 1..MaxPods
+		bpf.SockmeshMapSockHash:    cfg.MaxSockets,
+		bpf.SockmeshMapOrigdst:     cfg.MaxSockets,
 	}
 	for name, n := range sizes {
 		ms, ok := spec.Maps[name]
@@ -317,14 +341,20 @@ func (d *Datapath) pinMaps() error {
 func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 	o := &d.objs.SockmeshMaps
 	return map[string]*ebpf.Map{
-		bpf.SockmeshMapServices:    o.Services,
-		bpf.SockmeshMapSlots:       o.Slots,
-		bpf.SockmeshMapRevnat:      o.Revnat,
-		bpf.SockmeshMapPods:        o.Pods,
-		bpf.SockmeshMapConfig:      o.Config,
-		bpf.SockmeshMapMeta:        o.Meta,
-		bpf.SockmeshMapSvcCounters: o.SvcCounters,
-		bpf.SockmeshMapStats:       o.Stats,
+		bpf.SockmeshMapServices:     o.Services,
+		bpf.SockmeshMapSlots:        o.Slots,
+		bpf.SockmeshMapRevnat:       o.Revnat,
+		bpf.SockmeshMapPods:         o.Pods,
+		bpf.SockmeshMapConfig:       o.Config,
+		bpf.SockmeshMapMeta:         o.Meta,
+		bpf.SockmeshMapSvcCounters:  o.SvcCounters,
+		bpf.SockmeshMapStats:        o.Stats,
+		bpf.SockmeshMapSidecars:     o.Sidecars,
+		bpf.SockmeshMapLocalIps:     o.LocalIps,
+		bpf.SockmeshMapSteerPending: o.SteerPending,
+		bpf.SockmeshMapOrigdst:      o.Origdst,
+		bpf.SockmeshMapSockHash:     o.SockHash,
+		bpf.SockmeshMapPodCounters:  o.PodCounters,
 	}
 }
 
@@ -339,6 +369,9 @@ func (d *Datapath) programsByName() map[string]*ebpf.Program {
 		bpf.SockmeshProgShuntRecvmsg6:     p.ShuntRecvmsg6,
 		bpf.SockmeshProgShuntGetpeername4: p.ShuntGetpeername4,
 		bpf.SockmeshProgShuntGetpeername6: p.ShuntGetpeername6,
+		bpf.SockmeshProgShuntGetsockopt:   p.ShuntGetsockopt,
+		bpf.SockmeshProgShuntSockops:      p.ShuntSockops,
+		bpf.SockmeshProgShuntSkMsg:        p.ShuntSkMsg,
 	}
 }
 
@@ -363,15 +396,26 @@ func (d *Datapath) attach() error {
 	if err != nil {
 		return err
 	}
-	for name, prog := range d.programsByName() {
-		at, ok := attachments[name]
-		if !ok {
-			return fmt.Errorf("program %s has no attach type", name)
+	progs := d.programsByName()
+	if len(attachOrder) != len(progs) {
+		return fmt.Errorf("attach order lists %d programs, the object has %d", len(attachOrder), len(progs))
+	}
+	for _, name := range attachOrder {
+		prog, at := progs[name], attachments[name]
+		if prog == nil {
+			return fmt.Errorf("program %s not loaded", name)
 		}
 		path := filepath.Join(d.linksDir(), name)
 		if l, err := link.LoadPinnedLink(path, nil); err == nil {
 			info, ierr := l.Info()
-			if ierr == nil && info.Cgroup() != nil && info.Cgroup().CgroupId == want {
+			same := false
+			if ierr == nil && at == ebpf.AttachSkMsgVerdict {
+				// The pinned link holds the (adopted, pinned) sockhash.
+				same = info.Type == linkTypeSockmap
+			} else if ierr == nil && info.Cgroup() != nil {
+				same = info.Cgroup().CgroupId == want
+			}
+			if same {
 				if err := l.Update(prog); err != nil {
 					l.Close()
 					return fmt.Errorf("update pinned link %s: %w", path, err)
@@ -380,16 +424,27 @@ func (d *Datapath) attach() error {
 				continue
 			}
 			// Attached elsewhere (config changed) or unreadable: detach.
-			d.log.Warn("re-attaching program: pinned link points to another cgroup", "link", path)
+			d.log.Warn("re-attaching program: pinned link points elsewhere", "link", path)
 			l.Unpin()
 			l.Close()
 		} else if !errors.Is(err, os.ErrNotExist) {
 			// A stale pin of something else: refuse to guess.
 			return fmt.Errorf("open pinned link %s: %w", path, err)
 		}
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: d.cfg.Cgroup, Attach: at, Program: prog})
+		var l link.Link
+		if at == ebpf.AttachSkMsgVerdict {
+			l, err = link.AttachRawLink(link.RawLinkOptions{Target: d.objs.SockHash.FD(), Program: prog, Attach: at})
+			if err != nil {
+				err = fmt.Errorf("attach %s to map %s: %w", name, bpf.SockmeshMapSockHash, err)
+			}
+		} else {
+			l, err = link.AttachCgroup(link.CgroupOptions{Path: d.cfg.Cgroup, Attach: at, Program: prog})
+			if err != nil {
+				err = fmt.Errorf("attach %s to cgroup %s: %w", name, d.cfg.Cgroup, err)
+			}
+		}
 		if err != nil {
-			return fmt.Errorf("attach %s to cgroup %s: %w", name, d.cfg.Cgroup, err)
+			return err
 		}
 		if err := l.Pin(path); err != nil {
 			l.Close()
@@ -458,3 +513,7 @@ func Cleanup(root string) error {
 	}
 	return errors.Join(errs...)
 }
+
+// linkTypeSockmap is BPF_LINK_TYPE_SOCKMAP (uapi bpf.h), which cilium/ebpf
+// does not name.
+const linkTypeSockmap link.Type = 14

@@ -3,6 +3,8 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"runtime"
 	"slices"
 
@@ -336,11 +338,15 @@ func (d *Datapath) GlobalCounters() ([]uint64, error) {
 	return out, nil
 }
 
-// SetConfig writes the agent-wide datapath settings.
-func (d *Datapath) SetConfig(hostNetNSCookie uint64, hostNSOnly bool) error {
+// SetConfig writes the agent-wide datapath settings. sockmapSafe tells the
+// programs that the sockmap self-test passed on this kernel.
+func (d *Datapath) SetConfig(hostNetNSCookie uint64, hostNSOnly, sockmapSafe bool) error {
 	c := bpf.SockmeshShuntConfig{HostNetnsCookie: hostNetNSCookie}
 	if hostNSOnly {
 		c.HostNsOnly = 1
+	}
+	if sockmapSafe {
+		c.Flags |= uint32(bpf.SockmeshConfigFlagsCONFIG_F_SOCKMAP_SAFE)
 	}
 	if err := d.objs.Config.Put(uint32(0), &c); err != nil {
 		return mapErr("config", err)
@@ -365,50 +371,6 @@ func (d *Datapath) ReadPods() (map[uint64]PodInfo, error) {
 		out[k] = v
 	}
 	return out, it.Err()
-}
-
-// SyncPods makes the pods map hold exactly desired; unchanged entries are
-// not rewritten.
-func (d *Datapath) SyncPods(desired map[uint64]PodInfo) error {
-	if uint32(len(desired)) > d.cfg.MaxPods {
-		return fmt.Errorf("%w: %d pods, the pods map holds %d (datapath.maxPods)", ErrCapacity, len(desired), d.cfg.MaxPods)
-	}
-	cur, err := d.ReadPods()
-	if err != nil {
-		return fmt.Errorf("read pods: %w", err)
-	}
-	for k := range cur {
-		if _, ok := desired[k]; !ok {
-			if err := d.objs.Pods.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				return mapErr("pods", err)
-			}
-		}
-	}
-	for k, v := range desired {
-		if c, ok := cur[k]; ok && c == v {
-			continue
-		}
-		if err := d.objs.Pods.Put(k, &v); err != nil {
-			return mapErr("pods", err)
-		}
-	}
-	return nil
-}
-
-// UpdatePods writes the pod entries in upsert and deletes the netns cookies in
-// remove; other entries are left alone.
-func (d *Datapath) UpdatePods(upsert map[uint64]PodInfo, remove []uint64) error {
-	for _, k := range remove {
-		if err := d.objs.Pods.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return mapErr("pods", err)
-		}
-	}
-	for k, v := range upsert {
-		if err := d.objs.Pods.Put(k, &v); err != nil {
-			return mapErr("pods", err)
-		}
-	}
-	return nil
 }
 
 // MapFill reports entries and capacity of each map.
@@ -490,32 +452,67 @@ func (d *Datapath) Links() []LinkInfo {
 // NetNSCookie returns the cookie of the network namespace at path
 // (/run/netns/x, /proc/PID/ns/net): the key pods are enrolled under.
 func NetNSCookie(path string) (uint64, error) {
+	var cookie uint64
+	err := inNetNS(path, func() (err error) {
+		cookie, err = socketNetNSCookie()
+		return err
+	})
+	return cookie, err
+}
+
+// NetNSAddrs returns the global unicast addresses of the network namespace
+// at path (a pod's addresses), sorted.
+func NetNSAddrs(path string) ([]netip.Addr, error) {
+	var out []netip.Addr
+	err := inNetNS(path, func() error {
+		addrs, err := net.InterfaceAddrs()
+		if err != nil {
+			return fmt.Errorf("list addresses: %w", err)
+		}
+		for _, a := range addrs {
+			pfx, err := netip.ParsePrefix(a.String())
+			if err != nil {
+				continue
+			}
+			ip := pfx.Addr().Unmap()
+			if ip.IsGlobalUnicast() && !ip.IsLinkLocalUnicast() {
+				out = append(out, ip)
+			}
+		}
+		return nil
+	})
+	slices.SortFunc(out, netip.Addr.Compare)
+	return slices.Compact(out), err
+}
+
+// inNetNS runs fn on a thread that joined the network namespace at path.
+func inNetNS(path string, fn func() error) error {
 	target, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return 0, fmt.Errorf("open netns %s: %w", path, err)
+		return fmt.Errorf("open netns %s: %w", path, err)
 	}
 	defer unix.Close(target)
 	runtime.LockOSThread()
 	self, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		runtime.UnlockOSThread()
-		return 0, err
+		return err
 	}
 	defer unix.Close(self)
 	if err := unix.Setns(target, unix.CLONE_NEWNET); err != nil {
 		runtime.UnlockOSThread()
-		return 0, fmt.Errorf("enter netns %s: %w", path, err)
+		return fmt.Errorf("enter netns %s: %w", path, err)
 	}
-	cookie, cerr := socketNetNSCookie()
+	ferr := fn()
 	if err := unix.Setns(self, unix.CLONE_NEWNET); err != nil {
 		// Leave the thread locked: Go discards it when this goroutine ends.
-		return 0, fmt.Errorf("return from netns %s: %w", path, err)
+		return fmt.Errorf("return from netns %s: %w", path, err)
 	}
 	runtime.UnlockOSThread()
-	if cerr != nil {
-		return 0, fmt.Errorf("netns %s: %w", path, cerr)
+	if ferr != nil {
+		return fmt.Errorf("netns %s: %w", path, ferr)
 	}
-	return cookie, nil
+	return nil
 }
 
 func socketNetNSCookie() (uint64, error) {

@@ -59,19 +59,84 @@ enum socklb_mode {
 	SOCKLB_TRANSLATE = 2, /* always translate, even if host_ns_only */
 };
 
+enum sockmap_mode {
+	SOCKMAP_AUTO = 0, /* accelerate what is proven safe (sidecar<->sidecar) */
+	SOCKMAP_ON = 1,   /* accelerate every enrolled TCP socket with a local peer */
+	SOCKMAP_OFF = 2,  /* never put this pod's sockets in the sockhash */
+};
+
+enum pod_flags {
+	POD_F_SIDECAR = 1, /* a sidecar proxy: sidecars[netns cookie] is set */
+};
+
 /* pods: network-namespace cookie -> enrolled pod. */
 struct pod_info {
-	__u32 id;
+	__u32 id;     /* index into pod_counters; 1.. */
 	__u8 socklb;  /* enum socklb_mode */
 	__u8 sockmap; /* enum sockmap_mode (acceleration) */
-	__u16 flags;
+	__u16 flags;  /* enum pod_flags */
+};
+
+#define SIDECAR_MAX_PORTS 16
+#define SIDECAR_MAX_CIDRS 16
+
+/* A CIDR: address in network order, IPv4 in ip[0]. */
+struct shunt_cidr {
+	__u32 ip[4];
+	__u8 family;
+	__u8 prefix_len;
+	__u16 pad;
+};
+
+/* sidecars: netns cookie -> the pod's sidecar proxy settings. Ports in host
+ * byte order. */
+struct sidecar_cfg {
+	__u32 uid;           /* the proxy's sockets are never steered */
+	__u16 outbound_port; /* on 127.0.0.1 / ::1 */
+	__u16 inbound_port;  /* on the pod's addresses */
+	__u8 n_excl_ports;
+	__u8 n_excl_in_ports;
+	__u8 n_excl_cidrs;
+	__u8 n_incl_cidrs;   /* 0 = every destination */
+	__u16 excl_ports[SIDECAR_MAX_PORTS];
+	__u16 excl_in_ports[SIDECAR_MAX_PORTS];
+	struct shunt_cidr excl_cidrs[SIDECAR_MAX_CIDRS];
+	struct shunt_cidr incl_cidrs[SIDECAR_MAX_CIDRS];
+};
+
+/* local_ips: an address of an enrolled pod on this node -> that pod. */
+struct local_ip_key {
+	__u32 ip[4];
+	__u32 family;
+};
+
+struct local_ip {
+	__u64 netns_cookie;
+};
+
+/* A TCP connection seen from one end. Addresses and ports in network byte
+ * order. netns is the network namespace cookie for loopback connections
+ * (127.0.0.0/8, ::1 are per namespace) and 0 otherwise, so both ends of a
+ * connection between two pods compute each other's key. */
+struct sock_key {
+	__u32 local_ip[4];
+	__u32 remote_ip[4];
+	__u64 netns;
+	__u16 local_port;
+	__u16 remote_port;
+	__u32 family;
 };
 
 /* config[0]: agent-wide settings, changeable at run time. */
 struct shunt_config {
 	__u64 host_netns_cookie; /* the node's own network namespace */
 	__u32 host_ns_only;      /* 1: only host-netns sockets are translated */
-	__u32 pad;
+	__u32 flags;             /* enum config_flags */
+};
+
+enum config_flags {
+	/* The sockmap self-test passed on this kernel: auto may accelerate. */
+	CONFIG_F_SOCKMAP_SAFE = 1,
 };
 
 /* meta[0]: describes the pinned maps. */
@@ -94,7 +159,31 @@ enum shunt_stat {
 	STAT_REVNAT_FAIL,       /* revnat entry could not be written */
 	STAT_REVNAT_HIT,        /* getpeername/recvmsg answered with the VIP */
 	STAT_V4MAPPED,          /* connect6 to a v4-mapped VIP translated */
+	STAT_ORIGDST_FAIL,      /* original-destination record not written */
+	STAT_SOCKHASH_FAIL,     /* sockhash insert failed: socket left on TCP */
+	STAT_MSG_REDIRECT,      /* sk_msg redirected a send to the peer socket */
+	STAT_MSG_MISS,          /* sk_msg found no peer: normal stack */
 	STAT_MAX,
+};
+
+/* Per-pod counters (per-CPU array indexed by pod_info.id). Go label table in
+ * agent/ is checked against POD_STAT_MAX by a test. */
+enum pod_stat {
+	POD_STAT_STEER_OUTBOUND = 0, /* app connect -> local sidecar outbound */
+	POD_STAT_STEER_INBOUND,      /* sidecar connect -> peer pod's inbound */
+	POD_STAT_STEER_SKIP,         /* app connect left alone: excluded/loopback */
+	POD_STAT_ORIGDST_ANSWER,     /* SO_ORIGINAL_DST answered */
+	POD_STAT_SOCK_INSERT,        /* socket put in the sockhash */
+	POD_STAT_SOCK_CLOSE,         /* accelerated socket closed */
+	POD_STAT_SOCK_FALLBACK,      /* would accelerate, but not proven safe */
+	POD_STAT_MSG_REDIRECT,       /* sk_msg redirected to the peer socket */
+	POD_STAT_BYTES_REDIRECT,
+	POD_STAT_MSG_MISS,           /* peer not in the sockhash: normal stack */
+	POD_STAT_MAX,
+};
+
+struct pod_stats {
+	__u64 v[POD_STAT_MAX];
 };
 
 #endif

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shuntmesh/shunt/agent"
 	"github.com/shuntmesh/shunt/test/harness"
 )
 
@@ -45,9 +47,9 @@ func binaries(t testing.TB) (shuntd, shuntctl string) {
 	return filepath.Join(binDir, "shuntd"), filepath.Join(binDir, "shuntctl")
 }
 
-// agent is a shuntd started in the test's node network namespace, attached
+// agentProc is a shuntd started in the test's node network namespace, attached
 // to the test's cgroup, pinning under the test's bpffs folder.
-type agent struct {
+type agentProc struct {
 	t        testing.TB
 	env      *harness.Env
 	dir      string
@@ -64,7 +66,7 @@ var metricsPort = struct {
 	next int
 }{next: 29900}
 
-func newAgent(t testing.TB, env *harness.Env, config string) *agent {
+func newAgent(t testing.TB, env *harness.Env, config string) *agentProc {
 	t.Helper()
 	shuntd, shuntctl := binaries(t)
 	dir := t.TempDir()
@@ -72,7 +74,7 @@ func newAgent(t testing.TB, env *harness.Env, config string) *agent {
 	port := metricsPort.next
 	metricsPort.next++
 	metricsPort.Unlock()
-	a := &agent{t: t, env: env, dir: dir, cfgPath: filepath.Join(dir, "shunt.yaml"), socket: filepath.Join(dir, "shuntd.sock"),
+	a := &agentProc{t: t, env: env, dir: dir, cfgPath: filepath.Join(dir, "shunt.yaml"), socket: filepath.Join(dir, "shuntd.sock"),
 		shuntd: shuntd, shuntctl: shuntctl, metrics: fmt.Sprintf("127.0.0.1:%d", port)}
 	// The test's own bpffs folder and cgroup go into the datapath section,
 	// merged with whatever datapath settings the test gives.
@@ -96,7 +98,7 @@ func newAgent(t testing.TB, env *harness.Env, config string) *agent {
 }
 
 // start runs shuntd and waits until its API answers.
-func (a *agent) start() {
+func (a *agentProc) start() {
 	a.t.Helper()
 	a.proc = a.env.Node().StartCmd(harness.ProcOpts{}, a.shuntd,
 		"-config", a.cfgPath, "-api-socket", a.socket, "-state-file", filepath.Join(a.dir, "state.json"),
@@ -118,7 +120,7 @@ func (a *agent) start() {
 	}
 }
 
-func (a *agent) kill9() {
+func (a *agentProc) kill9() {
 	a.t.Helper()
 	if err := a.proc.Kill(); err != nil {
 		a.t.Fatal(err)
@@ -126,7 +128,7 @@ func (a *agent) kill9() {
 	<-a.proc.Done()
 }
 
-func (a *agent) ctlErr(args ...string) (string, error) {
+func (a *agentProc) ctlErr(args ...string) (string, error) {
 	var out bytes.Buffer
 	cmd := exec.Command(a.shuntctl, append([]string{"--socket", a.socket}, args...)...)
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -134,7 +136,7 @@ func (a *agent) ctlErr(args ...string) (string, error) {
 	return out.String(), err
 }
 
-func (a *agent) ctl(args ...string) string {
+func (a *agentProc) ctl(args ...string) string {
 	a.t.Helper()
 	out, err := a.ctlErr(args...)
 	if err != nil {
@@ -145,7 +147,7 @@ func (a *agent) ctl(args ...string) string {
 
 // metric returns the value of one sample line of /metrics (prefix match on
 // the full name with labels), or "" when absent.
-func (a *agent) metric(series string) string {
+func (a *agentProc) metric(series string) string {
 	a.t.Helper()
 	out, err := a.env.Node().Exec("curl", "-sf", "http://"+a.metrics+"/metrics")
 	if err != nil {
@@ -157,4 +159,14 @@ func (a *agent) metric(series string) string {
 		}
 	}
 	return ""
+}
+
+// status returns shuntctl status --json.
+func (a *agentProc) status() agent.Status {
+	a.t.Helper()
+	var st agent.Status
+	if err := json.Unmarshal([]byte(a.ctl("status", "--json")), &st); err != nil {
+		a.t.Fatal(err)
+	}
+	return st
 }

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -25,7 +26,10 @@ commands:
                  [--protocol tcp|udp] [--weights W[,W...]] [--states active|terminating[,...]]
   service delete --name N | --frontend VIP:PORT [--protocol tcp|udp]
   pod list [--json]
-  pod update --name N --netns PATH [--socket-lb inherit|bypass|translate]
+  pod update --name N --netns PATH [--socket-lb inherit|bypass|translate] [--sockmap auto|on|off]
+             [--sidecar [--sidecar-uid 1337] [--outbound-port 15001] [--inbound-port 15006]
+              [--exclude-outbound-ports P,..] [--exclude-outbound-cidrs C,..]
+              [--include-outbound-cidrs C,..] [--exclude-inbound-ports P,..]] [--ips A,..]
   pod delete --name N
   cleanup [--bpffs-root DIR]           detach every program and remove all pins (stop shuntd first)
   demo [--connections N]               standalone demo: pods, shuntd, a service, traffic, counters, cleanup
@@ -125,7 +129,26 @@ func status(c *agent.Client, args []string, w io.Writer) error {
 	}
 	fmt.Fprintf(w, "shuntd %s (map layout v%d), up %s\n", st.Version, st.LayoutVersion, st.Uptime)
 	fmt.Fprintf(w, "cgroup:  %s\nbpffs:   %s (adopted pinned state: %v)\n", st.Cgroup, st.BPFFS, st.Adopted)
-	fmt.Fprintf(w, "socketLB.hostNamespaceOnly: %v\nservices: %d, pods: %d\n\n", st.HostNamespaceOnly, st.Services, len(st.Pods))
+	fmt.Fprintf(w, "socketLB.hostNamespaceOnly: %v\nservices: %d, pods: %d\n", st.HostNamespaceOnly, st.Services, len(st.Pods))
+	verdict := "passed: sockmap auto accelerates sidecar-to-sidecar connections"
+	if !st.SockmapSelfTest.Passed {
+		verdict = "FAILED: sockmap auto accelerates nothing on this kernel"
+	}
+	fmt.Fprintf(w, "sockmap self-test: %s\n", verdict)
+	for _, c := range st.SockmapSelfTest.Checks {
+		mark := "ok  "
+		if c.Info {
+			mark = "info"
+		} else if !c.Passed {
+			mark = "FAIL"
+		}
+		fmt.Fprintf(w, "  %s %s", mark, c.Name)
+		if c.Detail != "" {
+			fmt.Fprintf(w, ": %s", c.Detail)
+		}
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "PROGRAM\tATTACH\tLINK\tPROG ID")
 	for _, l := range st.Links {
@@ -287,13 +310,25 @@ func podList(c *agent.Client, args []string, w io.Writer) error {
 		return printJSON(w, pods)
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tNETNS\tNETNS COOKIE\tSOCKET LB")
+	fmt.Fprintln(tw, "NAME\tNETNS\tNETNS COOKIE\tSOCKET LB\tSIDECAR\tSOCKMAP\tSTEERED\tORIG DST\tACCEL SOCKETS\tREDIRECTED")
 	for _, p := range pods {
 		lb := string(p.SocketLB)
 		if lb == "" {
 			lb = "inherit"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", p.Name, p.NetNS, p.Cookie, lb)
+		sc := "-"
+		if p.Sidecar != nil {
+			d := p.Sidecar.WithDefaults()
+			sc = fmt.Sprintf("uid %d, out %d, in %d", d.UID, d.OutboundPort, d.InboundPort)
+		}
+		sm := string(p.Sockmap)
+		if sm == "" {
+			sm = "auto"
+		}
+		c := p.Counters
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%d msgs, %d B\n", p.Name, p.NetNS, p.Cookie, lb, sc, sm,
+			c["steer_outbound"]+c["steer_inbound"], c["origdst_answer"], c["sock_insert"]-min(c["sock_insert"], c["sock_close"]),
+			c["msg_redirect"], c["bytes_redirect"])
 	}
 	return tw.Flush()
 }
@@ -303,10 +338,49 @@ func podUpdate(c *agent.Client, args []string, w io.Writer) error {
 	name := fs.String("name", "", "")
 	netns := fs.String("netns", "", "")
 	lb := fs.String("socket-lb", "inherit", "")
+	sockmap := fs.String("sockmap", "", "")
+	sidecar := fs.Bool("sidecar", false, "")
+	uid := fs.Uint("sidecar-uid", 0, "")
+	outPort := fs.Uint("outbound-port", 0, "")
+	inPort := fs.Uint("inbound-port", 0, "")
+	exclOut := fs.String("exclude-outbound-ports", "", "")
+	exclIn := fs.String("exclude-inbound-ports", "", "")
+	exclCIDR := fs.String("exclude-outbound-cidrs", "", "")
+	inclCIDR := fs.String("include-outbound-cidrs", "", "")
+	ips := fs.String("ips", "", "")
 	if err := fs.Parse(args); err != nil {
 		return fmt.Errorf("pod update: %w", err)
 	}
-	p := mesh.Pod{Name: *name, NetNS: *netns}
+	p := mesh.Pod{Name: *name, NetNS: *netns, Sockmap: mesh.SockmapMode(*sockmap)}
+	if *sidecar {
+		sc := &mesh.Sidecar{UID: uint32(*uid), OutboundPort: uint16(*outPort), InboundPort: uint16(*inPort)}
+		if *outPort > 65535 || *inPort > 65535 {
+			return errors.New("pod update: ports must be 1..65535")
+		}
+		var err error
+		if sc.ExcludeOutboundPorts, err = parsePorts(*exclOut); err != nil {
+			return fmt.Errorf("pod update: --exclude-outbound-ports: %w", err)
+		}
+		if sc.ExcludeInboundPorts, err = parsePorts(*exclIn); err != nil {
+			return fmt.Errorf("pod update: --exclude-inbound-ports: %w", err)
+		}
+		if sc.ExcludeOutboundCIDRs, err = parseCIDRs(*exclCIDR); err != nil {
+			return fmt.Errorf("pod update: --exclude-outbound-cidrs: %w", err)
+		}
+		if sc.IncludeOutboundCIDRs, err = parseCIDRs(*inclCIDR); err != nil {
+			return fmt.Errorf("pod update: --include-outbound-cidrs: %w", err)
+		}
+		p.Sidecar = sc
+	}
+	if *ips != "" {
+		for _, s := range strings.Split(*ips, ",") {
+			ip, err := netip.ParseAddr(strings.TrimSpace(s))
+			if err != nil {
+				return fmt.Errorf("pod update: --ips: %w", err)
+			}
+			p.IPs = append(p.IPs, ip)
+		}
+	}
 	switch *lb {
 	case "inherit", "":
 	case "bypass":
@@ -321,6 +395,45 @@ func podUpdate(c *agent.Client, args []string, w io.Writer) error {
 	}
 	fmt.Fprintf(w, "pod %s updated\n", p.Name)
 	return nil
+}
+
+func parsePorts(s string) ([]uint16, error) {
+	var out []uint16
+	if s == "" {
+		return nil, nil
+	}
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.ParseUint(strings.TrimSpace(f), 10, 16)
+		if err != nil || n == 0 {
+			return nil, fmt.Errorf("%q is not a port (1..65535)", f)
+		}
+		out = append(out, uint16(n))
+	}
+	return out, nil
+}
+
+func parseCIDRs(s string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	if s == "" {
+		return nil, nil
+	}
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if !strings.Contains(f, "/") {
+			ip, err := netip.ParseAddr(f)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, netip.PrefixFrom(ip, ip.BitLen()))
+			continue
+		}
+		p, err := netip.ParsePrefix(f)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, p)
+	}
+	return out, nil
 }
 
 func podDelete(c *agent.Client, args []string, w io.Writer) error {
