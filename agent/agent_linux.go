@@ -56,6 +56,7 @@ type Agent struct {
 	state   *desired
 	subs    []func(Delta)
 	started time.Time
+	xds     *xdsRun // StartXDS (agent/xds_linux.go)
 }
 
 // New loads the datapath (adopting pinned state), and reconciles it to the
