@@ -103,6 +103,16 @@ func (a *Agent) XDSStatus() (xds.Status, error) {
 	return x.srv.Status(), nil
 }
 
+// XDSServer returns the running xDS server (nil when none runs).
+func (a *Agent) XDSServer() *xds.Server {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.xds == nil {
+		return nil
+	}
+	return a.xds.srv
+}
+
 // handleXDSStatus is GET /v1/xds.
 func (a *Agent) handleXDSStatus(w http.ResponseWriter, _ *http.Request) {
 	st, err := a.XDSStatus()

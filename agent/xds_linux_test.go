@@ -169,9 +169,16 @@ func TestXDSFedFromAgent(t *testing.T) {
 		t.Fatalf("CDS after adding a service: %v", got)
 	}
 
-	x, err := a.XDSStatus()
-	if err != nil {
-		t.Fatal(err)
+	var x xds.Status
+	deadline := time.Now().Add(30 * time.Second)
+	for { // the last ACK is processed by the server asynchronously
+		if x, err = a.XDSStatus(); err != nil {
+			t.Fatal(err)
+		}
+		if len(x.Nodes) == 1 && x.Nodes[0].Types[resource.EndpointType].AckedVersion == eds2.GetVersionInfo() || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	if x.Resources[resource.EndpointType] != 21 || x.Streams != 1 || len(x.Nodes) != 1 || x.Nodes[0].ID != node.Id {
 		t.Fatalf("status: %+v", x)

@@ -331,11 +331,6 @@ func (s *Server) Apply(ch Change) error {
 	}
 	p.commit()
 	s.rebuild = false
-	select {
-	case <-s.ready:
-	default:
-		close(s.ready)
-	}
 
 	var errs []error
 	for _, c := range changes {
@@ -373,7 +368,15 @@ func (s *Server) Apply(ch Change) error {
 	if len(summary) > 0 {
 		s.log.Debug("xds: configuration updated", summary...)
 	}
-	return errors.Join(errs...)
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	select {
+	case <-s.ready:
+	default:
+		close(s.ready) // the caches hold the first configuration: serve
+	}
+	return nil
 }
 
 // setTestHook installs (or, with nil, removes) the test hook; the next

@@ -27,6 +27,7 @@ commands:
   pod list [--json]
   pod update --name N --netns PATH [--socket-lb inherit|bypass|translate]
   pod delete --name N
+  xds status [--json]                  xDS server: connected nodes, per type sent/accepted version, pending, last NACK
   cleanup [--bpffs-root DIR]           detach every program and remove all pins (stop shuntd first)
   demo [--connections N]               standalone demo: pods, shuntd, a service, traffic, counters, cleanup
   bench connect|update [FLAGS]         benchmarks (root; see shuntctl bench help)
@@ -76,6 +77,8 @@ func Run(args []string, stdout, stderr io.Writer) error {
 			return podDelete(c, rest[2:], stdout)
 		}
 		return fmt.Errorf("pod %s: unknown subcommand", rest[1])
+	case "xds":
+		return xdsCmd(c, rest[1:], stdout)
 	case "cleanup":
 		return cleanup(rest[1:], stdout)
 	case "demo":
