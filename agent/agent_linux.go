@@ -60,6 +60,7 @@ type Agent struct {
 	// selfTest is the sockmap self-test's result on this kernel; auto
 	// accelerates nothing unless it passed.
 	selfTest datapath.SelfTestResult
+	xds      *xdsRun // StartXDS (agent/xds_linux.go)
 }
 
 // New loads the datapath (adopting pinned state), and reconciles it to the

@@ -34,6 +34,7 @@ func (s *servers) close() {
 //	GET    /v1/status
 //	GET    /v1/services          POST /v1/services (ServiceConfig)   DELETE /v1/services?name=N
 //	GET    /v1/pods              POST /v1/pods (mesh.Pod)            DELETE /v1/pods?name=N
+//	GET    /v1/xds               (xds.Status; 404 when the xDS server is not running)
 //	GET    /healthz, /metrics
 func (a *Agent) Handler(reg *prometheus.Registry) http.Handler {
 	mux := http.NewServeMux()
@@ -73,6 +74,7 @@ func (a *Agent) Handler(reg *prometheus.Registry) http.Handler {
 		n := r.URL.Query().Get("name")
 		reply(w, map[string]string{"deleted": n}, a.DeletePod(n))
 	})
+	mux.HandleFunc("GET /v1/xds", a.handleXDSStatus)
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		if err := a.Healthy(); err != nil {
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)

@@ -32,6 +32,8 @@ type Config struct {
 	// StateFile keeps run-time changes (shuntctl service/pod update and
 	// delete) across agent restarts.
 	StateFile string `json:"stateFile,omitempty"`
+	// XDS is the xDS server for the node's sidecars.
+	XDS XDSConfig `json:"xds"`
 	// Services and Pods are the standalone desired state.
 	Services []ServiceConfig `json:"services,omitempty"`
 	Pods     []mesh.Pod      `json:"pods,omitempty"`
@@ -83,6 +85,7 @@ func (c Config) WithDefaults() Config {
 	if c.StateFile == "" {
 		c.StateFile = DefaultStateFile
 	}
+	c.XDS = c.XDS.WithDefaults()
 	return c
 }
 
@@ -115,6 +118,9 @@ func LoadConfig(path string) (Config, error) {
 // Validate checks the whole configuration, including its services.
 func (c Config) Validate() error {
 	if err := c.Datapath.Validate(); err != nil {
+		return err
+	}
+	if err := c.XDS.Validate(); err != nil {
 		return err
 	}
 	_, err := c.State()

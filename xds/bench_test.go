@@ -3,6 +3,7 @@ package xds
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"testing"
 
 	"github.com/shuntmesh/shunt/mesh"
@@ -65,8 +66,9 @@ func BenchmarkTranslateAndHash3000x30(b *testing.B) {
 	}
 }
 
-// BenchmarkUpdateOneEndpoint3000x30 is the endpoint-churn path of
-// Server.Update: the whole state is translated and diffed, one CLA changes.
+// BenchmarkUpdateOneEndpoint3000x30 is Server.Update (a Replace of the
+// whole state) after one endpoint change: every service is compared, one
+// is re-translated, and the whole result is checked with Consistent().
 func BenchmarkUpdateOneEndpoint3000x30(b *testing.B) {
 	st := bigState(3000, 30)
 	s, err := New(Config{}, nil, nil)
@@ -83,6 +85,60 @@ func BenchmarkUpdateOneEndpoint3000x30(b *testing.B) {
 		i++
 		st.Services[1].Backends[0].Weight = uint32(1 + i%2)
 		if err := s.Update(st); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkApplyOneEndpoint3000x30 is the incremental path the agent
+// feeds: Server.Apply with the one changed service.
+func BenchmarkApplyOneEndpoint3000x30(b *testing.B) {
+	st := bigState(3000, 30)
+	s, err := New(Config{}, nil, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Stop()
+	if err := s.Update(st); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		i++
+		svc := st.Services[1]
+		svc.Backends = slices.Clone(svc.Backends)
+		svc.Backends[0].Weight = uint32(1 + i%2)
+		if err := s.Apply(Change{Services: []mesh.Service{svc}}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkApplyAddService3000x30 adds and removes one service: the
+// sidecar's virtualOutbound listener (one filter chain per service) is
+// rebuilt and hashed each time.
+func BenchmarkApplyAddService3000x30(b *testing.B) {
+	st := bigState(3001, 30)
+	extra := st.Services[3000]
+	st.Services = st.Services[:3000]
+	s, err := New(Config{}, nil, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Stop()
+	if err := s.Update(st); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		i++
+		ch := Change{Services: []mesh.Service{extra}}
+		if i%2 == 0 {
+			ch = Change{Delete: []string{extra.Name}}
+		}
+		if err := s.Apply(ch); err != nil {
 			b.Fatal(err)
 		}
 	}

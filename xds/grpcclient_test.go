@@ -47,7 +47,7 @@ const (
 
 func TestMain(m *testing.M) {
 	if xdsSocket = os.Getenv(socketEnv); xdsSocket != "" {
-		os.Exit(m.Run())
+		runTests(m) // exits
 	}
 	dir, err := os.MkdirTemp("", "shunt-xds")
 	if err != nil {
@@ -151,7 +151,7 @@ func startXDS(t *testing.T, st *mesh.State, hook ...func(*Resources)) *testServe
 		t.Fatal(err)
 	}
 	for _, h := range hook {
-		s.testHook = h
+		s.setTestHook(h)
 	}
 	if err := s.Update(st); err != nil {
 		t.Fatal(err)
@@ -402,7 +402,7 @@ func TestGRPCClientNACK(t *testing.T) {
 	waitSpread(t, conn, b[0], b[1], b[2])
 	waitFor(t, "the client's ACKs", func() bool { return acked(s.Server, testNodeID) })
 
-	s.testHook = randomLB
+	s.setTestHook(randomLB)
 	if err := s.Update(echoState(be(b[0], 1, ""), be(b[1], 1, ""), be(b[2], 1, ""))); err != nil {
 		t.Fatal(err)
 	}
@@ -446,7 +446,7 @@ func TestGRPCClientNACK(t *testing.T) {
 	}
 
 	// Fixing the cluster clears the rejection.
-	s.testHook = nil
+	s.setTestHook(nil)
 	if err := s.Update(echoState(be(b[0], 1, ""), be(b[1], 1, ""), be(b[2], 0, ""))); err != nil {
 		t.Fatal(err)
 	}
@@ -483,7 +483,7 @@ func TestGRPCClientNACKOfFirstConfig(t *testing.T) {
 	})
 	// The client's NACK was answered by nothing; fix the cluster and the
 	// next CDS push is the fixed one.
-	s.testHook = nil
+	s.setTestHook(nil)
 	if err := s.Update(st); err != nil {
 		t.Fatal(err)
 	}

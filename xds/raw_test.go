@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"maps"
@@ -17,6 +18,8 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -475,7 +478,10 @@ func TestListenAndServeUnix(t *testing.T) {
 	stale.(*net.UnixListener).SetUnlinkOnClose(false)
 	stale.Close()
 
-	s, err := New(Config{UnixSocket: sock}, nil, nil)
+	// The socket's group is the sidecars' (1337 by default); a non-root
+	// test run can only hand it to its own group.
+	gid := os.Getegid()
+	s, err := New(Config{UnixSocket: sock, UnixSocketGID: &gid, UnixSocketMode: 0o640}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -497,7 +503,7 @@ func TestListenAndServeUnix(t *testing.T) {
 	c.send(&discoveryv3.DiscoveryRequest{Node: envoyNode(), TypeUrl: resource.ListenerType})
 	c.recv(resource.ListenerType)
 	fi, err := os.Stat(sock)
-	if err != nil || fi.Mode().Perm() != 0o660 {
+	if err != nil || fi.Mode().Perm() != 0o640 || fi.Sys().(*syscall.Stat_t).Gid != uint32(gid) {
 		t.Errorf("socket mode: %v %v", fi.Mode(), err)
 	}
 	s.Stop()
@@ -513,6 +519,11 @@ func TestConfigValidate(t *testing.T) {
 		{TLSClientCAFile: "ca"},
 		{KeepaliveTime: -1},
 		{MaxStreams: -1},
+		{MaxResourceNames: -1},
+		{TCPAddr: ":15010"}, // TCP is TLS only
+		{TCPAddr: "15010", TLSCertFile: "c", TLSKeyFile: "k"},
+		{UnixSocketMode: 0o1777},
+		{UnixSocketGID: new(-1)},
 	} {
 		if err := c.WithDefaults().Validate(); err == nil {
 			t.Errorf("%+v accepted", c)
@@ -530,5 +541,131 @@ func TestConfigValidate(t *testing.T) {
 func (s *Server) resourceNames(key string) []string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return slices.Sorted(maps.Keys(s.caches[key].hashes))
+	return slices.Sorted(maps.Keys(s.caches[key].entries))
+}
+
+// TestConfigJSON: the YAML/JSON form takes durations as strings.
+func TestConfigJSON(t *testing.T) {
+	var c Config
+	if err := json.Unmarshal([]byte(`{"keepaliveTime":"45s","connectTimeout":"1m30s","keepaliveMinTime":5000000000,"maxResourceNames":10}`), &c); err != nil {
+		t.Fatal(err)
+	}
+	if time.Duration(c.KeepaliveTime) != 45*time.Second || time.Duration(c.ConnectTimeout) != 90*time.Second ||
+		time.Duration(c.KeepaliveMinTime) != 5*time.Second || c.MaxResourceNames != 10 {
+		t.Fatalf("parsed %+v", c)
+	}
+	if err := json.Unmarshal([]byte(`{"keepaliveTime":"soon"}`), &c); err == nil {
+		t.Fatal("bad duration accepted")
+	}
+	b, err := json.Marshal(Config{KeepaliveTime: Duration(30 * time.Second)})
+	if err != nil || !strings.Contains(string(b), `"keepaliveTime":"30s"`) {
+		t.Fatalf("marshalled %s, %v", b, err)
+	}
+}
+
+// TestMaxResourceNames: a stream watching more names than the limit is
+// closed with RESOURCE_EXHAUSTED, sotw and delta; the limit is counted.
+func TestMaxResourceNames(t *testing.T) {
+	s, reg := newRawServer(t, Config{MaxResourceNames: 2}, rawState(1, 80))
+	conn := serveTCP(t, s, nil)
+	ads := discoveryv3.NewAggregatedDiscoveryServiceClient(conn)
+
+	st, err := ads.StreamAggregatedResources(streamCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := sotwClient{t, st}
+	c.send(&discoveryv3.DiscoveryRequest{Node: envoyNode(), TypeUrl: resource.EndpointType, ResourceNames: []string{echoCluster, otherCluster}})
+	c.recv(resource.EndpointType) // two names: within the limit
+	c.send(&discoveryv3.DiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNames: []string{echoCluster, otherCluster, "x"}})
+	for {
+		if _, err := st.Recv(); err != nil {
+			if grpcstatus.Code(err) != codes.ResourceExhausted {
+				t.Fatalf("sotw stream over the limit: %v, want RESOURCE_EXHAUSTED", err)
+			}
+			break
+		}
+	}
+
+	ds, err := ads.DeltaAggregatedResources(streamCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := deltaClient{t, ds}
+	d.send(&discoveryv3.DeltaDiscoveryRequest{Node: envoyNode(), TypeUrl: resource.EndpointType, ResourceNamesSubscribe: []string{echoCluster}})
+	d.ack(d.recv(resource.EndpointType, []string{echoCluster}, nil))
+	d.send(&discoveryv3.DeltaDiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNamesSubscribe: []string{otherCluster, "x"}})
+	for {
+		if _, err := ds.Recv(); err != nil {
+			if grpcstatus.Code(err) != codes.ResourceExhausted {
+				t.Fatalf("delta stream over the limit: %v, want RESOURCE_EXHAUSTED", err)
+			}
+			break
+		}
+	}
+	if got := testMetric(t, reg, "shunt_xds_streams_refused_total", ""); got != 2 {
+		t.Errorf("streams refused = %v, want 2", got)
+	}
+}
+
+// TestStatusPendingAndWatching: a response not yet answered is pending;
+// the ACK clears it; Watching counts the names asked for.
+func TestStatusPendingAndWatching(t *testing.T) {
+	s, _ := newRawServer(t, Config{}, rawState(1, 80))
+	conn := serveTCP(t, s, nil)
+	st, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(streamCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := sotwClient{t, st}
+	c.send(&discoveryv3.DiscoveryRequest{Node: envoyNode(), TypeUrl: resource.EndpointType, ResourceNames: []string{echoCluster, otherCluster}})
+	r := c.recv(resource.EndpointType)
+	waitFor(t, "the response to show as pending", func() bool {
+		n, _ := nodeStatus(s, rawNodeID)
+		ts := n.Types[resource.EndpointType]
+		return ts.Pending && ts.SentVersion == r.GetVersionInfo() && ts.Watching == 2
+	})
+	c.ack(r, echoCluster, otherCluster)
+	waitFor(t, "the ACK to clear pending", func() bool {
+		n, _ := nodeStatus(s, rawNodeID)
+		ts := n.Types[resource.EndpointType]
+		return !ts.Pending && ts.AckedVersion == r.GetVersionInfo()
+	})
+}
+
+// TestNothingServedBeforeFirstApply: a client that connects before the
+// server has any state waits and then gets the whole configuration, never
+// an empty one (Envoy would drop every cluster it had).
+func TestNothingServedBeforeFirstApply(t *testing.T) {
+	s, err := New(Config{}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := serveTCP(t, s, nil)
+	got := make(chan []string, 1)
+	go func() {
+		st, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(streamCtx(t), grpc.WaitForReady(true))
+		if err != nil {
+			t.Error(err)
+			got <- nil
+			return
+		}
+		if err := st.Send(&discoveryv3.DiscoveryRequest{Node: envoyNode(), TypeUrl: resource.ClusterType}); err != nil {
+			t.Error(err)
+		}
+		r, err := st.Recv()
+		if err != nil {
+			t.Error(err)
+			got <- nil
+			return
+		}
+		got <- resourceNamesOf(t, r)
+	}()
+	time.Sleep(200 * time.Millisecond) // let the client try first (not an assertion)
+	if err := s.Update(rawState(1, 80)); err != nil {
+		t.Fatal(err)
+	}
+	if names := <-got; len(names) != 4 {
+		t.Fatalf("first CDS response: %q, want the 4 clusters", names)
+	}
 }

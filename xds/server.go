@@ -8,10 +8,13 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
+	"path/filepath"
 	"slices"
 	"sync"
+	"time"
 
 	clusterservice "github.com/envoyproxy/go-control-plane/envoy/service/cluster/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
@@ -42,24 +45,26 @@ type Server struct {
 
 	ctx    context.Context
 	cancel context.CancelFunc
-	plain  *grpc.Server // unix sockets, and TCP without TLS
-	secure *grpc.Server // TCP with TLS; nil without TLS
+	ready  chan struct{} // closed by the first successful Apply
+	plain  *grpc.Server  // unix sockets, and TCP without TLS
+	secure *grpc.Server  // TCP with TLS; nil without TLS
 
-	mu       sync.Mutex // serializes Update
-	tr       *translator
-	hashOf   map[types.Resource]string // content hashes of the last translation's objects
-	caches   map[string]*typeCache
-	warnings []string
+	mu      sync.Mutex // serializes Apply
+	model   *model
+	rebuild bool // translate everything afresh on the next Apply
+	caches  map[string]*typeCache
 
-	// testHook, when set, edits each translation before it is applied.
+	// testHook, when set, edits the objects an Apply built before they are
+	// served (set it with setTestHook).
 	testHook func(*Resources)
 }
 
-// typeCache is one LinearCache and the content hashes of what it holds.
+// typeCache is one LinearCache and what it holds: the served objects and
+// their content hashes, by name.
 type typeCache struct {
 	key, typeURL string
 	lc           *cache.LinearCache
-	hashes       map[string]string
+	entries      map[string]entry
 }
 
 // New builds a server. logger may be nil (logs are dropped); reg may be
@@ -78,29 +83,37 @@ func New(cfg Config, logger *slog.Logger, reg prometheus.Registerer) (*Server, e
 	}
 	s := &Server{
 		cfg:    cfg,
-		opts:   Options{ClusterDomain: cfg.ClusterDomain, ConnectTimeout: cfg.ConnectTimeout},
+		opts:   Options{ClusterDomain: cfg.ClusterDomain, ConnectTimeout: time.Duration(cfg.ConnectTimeout)},
 		log:    logger,
 		met:    met,
-		trk:    newTracker(logger, met, cfg.MaxStreams),
+		trk:    newTracker(logger, met, cfg.MaxStreams, cfg.MaxResourceNames),
 		caches: map[string]*typeCache{},
 	}
-	s.tr = newTranslator(s.opts)
+	s.model = newModel(s.opts)
 	cpLog := cpLogger{logger}
 	lcs := map[string]*cache.LinearCache{}
 	for _, key := range applyOrder {
 		lc := cache.NewLinearCache(cacheTypes[key], cache.WithLogger(cpLog))
 		lcs[key] = lc
-		s.caches[key] = &typeCache{key: key, typeURL: cacheTypes[key], lc: lc, hashes: map[string]string{}}
+		s.caches[key] = &typeCache{key: key, typeURL: cacheTypes[key], lc: lc, entries: map[string]entry{}}
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.ready = make(chan struct{})
 	xs := serverv3.NewServer(s.ctx, &viewCache{caches: lcs, log: logger}, s.trk,
 		sotw.WithOrderedADS(), sotw.WithLogger(cpLog))
 
 	base := []grpc.ServerOption{
 		grpc.MaxConcurrentStreams(cfg.MaxStreamsPerConn),
 		grpc.MaxRecvMsgSize(cfg.MaxRecvMsgSize),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: cfg.KeepaliveTime, Timeout: cfg.KeepaliveTimeout}),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: cfg.KeepaliveMinTime, PermitWithoutStream: true}),
+		// Fixed receive windows (setting them turns off gRPC's BDP-driven
+		// growth up to 16 MiB per connection): clients send small requests.
+		grpc.InitialWindowSize(64 << 10),
+		grpc.InitialConnWindowSize(64 << 10),
+		// Release a connection's write buffer between writes: most xDS
+		// connections are idle most of the time.
+		grpc.SharedWriteBuffer(true),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Duration(cfg.KeepaliveTime), Timeout: time.Duration(cfg.KeepaliveTimeout)}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: time.Duration(cfg.KeepaliveMinTime), PermitWithoutStream: true}),
 	}
 	s.plain = grpc.NewServer(base...)
 	register(s.plain, xs)
@@ -146,7 +159,18 @@ func serverTLS(cfg Config) (*tls.Config, error) {
 // Serve answers xDS on lis until Stop. Unix-socket listeners are served in
 // plaintext; TCP listeners with TLS when Config has a certificate. Serve may
 // be called for several listeners at once.
+//
+// Nothing is accepted before the first successful Apply (connections wait
+// in the listen backlog): a sidecar that connects while the agent starts
+// must not receive an empty configuration, which would make Envoy drop
+// every cluster it had.
 func (s *Server) Serve(lis net.Listener) error {
+	select {
+	case <-s.ready:
+	case <-s.ctx.Done():
+		lis.Close()
+		return nil
+	}
 	g := s.plain
 	if s.secure != nil && lis.Addr().Network() != "unix" {
 		g = s.secure
@@ -157,42 +181,64 @@ func (s *Server) Serve(lis net.Listener) error {
 	return nil
 }
 
-// ListenAndServe listens on Config.UnixSocket and/or Config.TCPAddr and
-// serves until Stop or the first listener error.
-func (s *Server) ListenAndServe() error {
+// Listen opens the listeners Config names: the unix socket (its folder
+// created, a stale socket file replaced, owner group and mode set) and/or
+// the TCP address.
+func (s *Server) Listen() ([]net.Listener, error) {
 	var ls []net.Listener
-	closeAll := func() {
+	fail := func(err error) ([]net.Listener, error) {
 		for _, l := range ls {
 			l.Close()
 		}
+		return nil, fmt.Errorf("xds: %w", err)
 	}
 	if p := s.cfg.UnixSocket; p != "" {
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			return fail(err)
+		}
 		if fi, err := os.Lstat(p); err == nil && fi.Mode()&fs.ModeSocket != 0 {
 			if err := os.Remove(p); err != nil {
-				return fmt.Errorf("xds: removing stale socket: %w", err)
+				return fail(fmt.Errorf("removing stale socket: %w", err))
 			}
 		}
 		l, err := net.Listen("unix", p)
 		if err != nil {
-			return fmt.Errorf("xds: %w", err)
+			return fail(err)
 		}
 		ls = append(ls, l)
-		if err := os.Chmod(p, 0o660); err != nil {
-			closeAll()
-			return fmt.Errorf("xds: %w", err)
+		if err := os.Chown(p, -1, *s.cfg.UnixSocketGID); err != nil {
+			return fail(err)
+		}
+		if err := os.Chmod(p, fs.FileMode(s.cfg.UnixSocketMode)); err != nil {
+			return fail(err)
 		}
 	}
 	if a := s.cfg.TCPAddr; a != "" {
 		l, err := net.Listen("tcp", a)
 		if err != nil {
-			closeAll()
-			return fmt.Errorf("xds: %w", err)
+			return fail(err)
 		}
 		ls = append(ls, l)
 	}
 	if len(ls) == 0 {
-		return errors.New("xds: neither unixSocket nor tcpAddr is configured")
+		return nil, errors.New("xds: neither unixSocket nor tcpAddr is configured")
 	}
+	return ls, nil
+}
+
+// ListenAndServe listens (see Listen) and serves until Stop or the first
+// listener error.
+func (s *Server) ListenAndServe() error {
+	ls, err := s.Listen()
+	if err != nil {
+		return err
+	}
+	return s.ServeAll(ls)
+}
+
+// ServeAll serves every listener until Stop or the first listener error,
+// which stops the server.
+func (s *Server) ServeAll(ls []net.Listener) error {
 	errc := make(chan error, len(ls))
 	for _, l := range ls {
 		go func() { errc <- s.Serve(l) }()
@@ -216,95 +262,81 @@ func (s *Server) Stop() {
 	}
 }
 
-// Update makes st the served configuration. It is idempotent: resources
-// whose content did not change keep their version and are not re-sent, and
-// only the watchers of changed resources are woken (an endpoint change
-// wakes the EDS watchers of that one service). An invalid state, or a
-// translation that fails validation, is rejected whole and the previous
-// configuration stays.
+// Update makes st's services the whole served configuration (a Change
+// with Replace); pods are ignored.
 func (s *Server) Update(st *mesh.State) error {
 	if st == nil {
 		return errors.New("xds: nil state")
 	}
-	if err := st.Validate(); err != nil {
-		return fmt.Errorf("xds: invalid state: %w", err)
-	}
+	return s.Apply(Change{Services: st.Services, Replace: true})
+}
+
+// Apply changes the served configuration. It costs in proportion to the
+// change: only the named services are validated and translated, resources
+// whose content did not change keep their version and are not re-sent, and
+// only the watchers of changed resources are woken (an endpoint change wakes
+// the EDS watchers of that one service). A change that is invalid (a
+// service failing validation, a frontend used twice, a name both updated
+// and deleted) is rejected whole and the previous configuration stays. A
+// Replace is also checked whole with the snapshot Consistent() rules.
+func (s *Server) Apply(ch Change) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-
-	tr, known := s.tr, s.hashOf
-	if s.testHook != nil {
-		// The hook edits resources in place: keep them out of the memo.
-		tr, known = newTranslator(s.opts), nil
+	if ch.Empty() && !s.rebuild {
+		return nil
 	}
-	res, err := tr.translate(st)
+	p, err := s.model.prepare(ch, s.rebuild)
 	if err != nil {
 		return err
 	}
 	if s.testHook != nil {
-		s.testHook(res)
+		s.testHook(p.newResources())
 	}
-	hashOf := make(map[types.Resource]string, len(known))
-	sets := desiredSets(res, func(r types.Resource) string {
-		h, ok := known[r]
-		if !ok {
-			h = contentHash(r)
-		}
-		hashOf[r] = h
-		return h
-	})
-	if s.testHook == nil {
-		s.hashOf = hashOf
-	}
+	d := p.diff()
 
 	type change struct {
 		tc      *typeCache
 		upserts map[string]types.Resource
 		deletes []string
-		hashes  map[string]string
+		entries map[string]entry // new entries, including unchanged content under a new object
 	}
 	var changes []change
-	// References only change when a name set or a non-EDS resource changes.
-	needCheck := false
-	for _, set := range sets {
-		tc := s.caches[set.key]
-		c := change{tc: tc, upserts: map[string]types.Resource{}, hashes: make(map[string]string, len(set.items))}
-		for name, e := range set.items {
-			c.hashes[name] = e.hash
-			old, existed := tc.hashes[name]
-			if old != e.hash {
-				if err := validateDeep(e.res); err != nil {
-					return fmt.Errorf("xds: generated %s %q is invalid: %w", typeName(e.res), name, err)
-				}
-				c.upserts[name] = e.res
-				needCheck = needCheck || !existed || set.key != keyEDS
+	for _, key := range applyOrder { // referenced before referrer
+		tc := s.caches[key]
+		c := change{tc: tc, upserts: map[string]types.Resource{}, entries: map[string]entry{}}
+		for name, res := range d.up[key] {
+			old, ok := tc.entries[name]
+			if ok && old.res == res {
+				continue
+			}
+			h := contentHash(res)
+			c.entries[name] = entry{res: res, hash: h}
+			if !ok || old.hash != h {
+				c.upserts[name] = res
 			}
 		}
-		for name := range tc.hashes {
-			if _, ok := set.items[name]; !ok {
+		for _, name := range d.del[key] {
+			if _, ok := tc.entries[name]; ok {
 				c.deletes = append(c.deletes, name)
-				needCheck = true
 			}
 		}
-		slices.Sort(c.deletes)
-		if len(c.upserts) > 0 || len(c.deletes) > 0 {
+		if len(c.entries) > 0 || len(c.deletes) > 0 {
 			changes = append(changes, c)
 		}
 	}
-	if len(changes) == 0 {
-		s.warnings = res.Warnings
-		return nil
-	}
-	if needCheck {
-		if err := res.checkConsistent(); err != nil {
+	if ch.Replace {
+		if err := p.resources().checkConsistent(); err != nil {
 			return fmt.Errorf("xds: inconsistent translation: %w", err)
 		}
 	}
+	p.commit()
+	s.rebuild = false
 
-	for _, c := range changes { // applyOrder: referenced before referrer
+	var errs []error
+	for _, c := range changes {
 		if len(c.upserts) > 0 {
 			if err := c.tc.lc.UpdateResources(c.upserts, nil); err != nil {
-				return fmt.Errorf("xds: updating %s: %w", c.tc.key, err)
+				errs = append(errs, fmt.Errorf("xds: updating %s: %w", c.tc.key, err))
 			}
 		}
 	}
@@ -312,25 +344,48 @@ func (s *Server) Update(st *mesh.State) error {
 		c := changes[i]
 		if len(c.deletes) > 0 {
 			if err := c.tc.lc.UpdateResources(nil, c.deletes); err != nil {
-				return fmt.Errorf("xds: updating %s: %w", c.tc.key, err)
+				errs = append(errs, fmt.Errorf("xds: updating %s: %w", c.tc.key, err))
 			}
 		}
 	}
-	s.warnings = res.Warnings
-	summary := []any{}
-	for _, c := range changes {
-		c.tc.hashes = c.hashes
-		summary = append(summary, c.tc.key, fmt.Sprintf("+%d -%d", len(c.upserts), len(c.deletes)))
-	}
+	var summary []any
 	counts := map[string]int{}
+	for _, c := range changes {
+		maps.Copy(c.tc.entries, c.entries)
+		for _, name := range c.deletes {
+			delete(c.tc.entries, name)
+		}
+		if len(c.upserts)+len(c.deletes) > 0 {
+			summary = append(summary, c.tc.key, fmt.Sprintf("+%d -%d", len(c.upserts), len(c.deletes)))
+		}
+	}
 	for _, tc := range s.caches {
-		counts[tc.typeURL] += len(tc.hashes)
+		counts[tc.typeURL] += len(tc.entries)
 	}
 	for typeURL, n := range counts {
 		s.met.resources.WithLabelValues(typeURL).Set(float64(n))
 	}
-	s.log.Debug("xds: configuration updated", summary...)
+	if len(summary) > 0 {
+		s.log.Debug("xds: configuration updated", summary...)
+	}
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	select {
+	case <-s.ready:
+	default:
+		close(s.ready) // the caches hold the first configuration: serve
+	}
 	return nil
+}
+
+// setTestHook installs (or, with nil, removes) the test hook; the next
+// Apply translates every service afresh so the hook sees, or no longer
+// sees, all of them.
+func (s *Server) setTestHook(h func(*Resources)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.testHook, s.rebuild = h, true
 }
 
 // Status reports the open streams, each connected node's sent, acked and
@@ -339,12 +394,12 @@ func (s *Server) Status() Status {
 	open, nodes := s.trk.snapshot()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := Status{Streams: open, Nodes: nodes, Resources: map[string]int{}, Warnings: slices.Clone(s.warnings)}
+	st := Status{Streams: open, Nodes: nodes, Resources: map[string]int{}, Warnings: s.model.warnings()}
 	for _, t := range []string{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType} {
 		st.Resources[t] = 0
 	}
 	for _, tc := range s.caches {
-		st.Resources[tc.typeURL] += len(tc.hashes)
+		st.Resources[tc.typeURL] += len(tc.entries)
 	}
 	return st
 }

@@ -42,13 +42,18 @@ type NodeStatus struct {
 
 // TypeStatus tracks one resource type of one node.
 type TypeStatus struct {
+	// Watching is the number of resource names the node last asked for; 0
+	// is a wildcard watch (everything of the type).
+	Watching     int       `json:"watching"`
 	SentVersion  string    `json:"sentVersion,omitempty"`
 	SentAt       time.Time `json:"sentAt,omitzero"`
 	Pushes       uint64    `json:"pushes"`
 	AckedVersion string    `json:"ackedVersion,omitempty"`
 	AckedAt      time.Time `json:"ackedAt,omitzero"`
-	NACKs        uint64    `json:"nacks"`
-	LastNACK     *NACK     `json:"lastNack,omitempty"`
+	// Pending: the latest response has been neither ACKed nor NACKed yet.
+	Pending  bool   `json:"pending"`
+	NACKs    uint64 `json:"nacks"`
+	LastNACK *NACK  `json:"lastNack,omitempty"`
 }
 
 // NACK is a rejected response.
@@ -62,18 +67,25 @@ type NACK struct {
 }
 
 type metrics struct {
-	nacks     *prometheus.CounterVec
-	pushes    *prometheus.CounterVec
-	clients   prometheus.Gauge
-	resources *prometheus.GaugeVec
+	nacks        *prometheus.CounterVec
+	pushes       *prometheus.CounterVec
+	clients      prometheus.Gauge
+	resources    *prometheus.GaugeVec
+	updateErrors prometheus.Counter
+	refused      *prometheus.CounterVec
 }
+
+// nackSeriesRetention is how long the NACK series of a node stay exported
+// after its last stream closed: long enough to be scraped, short enough
+// that pod churn does not grow the label set without bound.
+const nackSeriesRetention = 10 * time.Minute
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
 		nacks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "shunt_xds_nacks_total",
-			Help: "xDS responses rejected by a client, by resource type.",
-		}, []string{"type_url"}),
+			Help: "xDS responses rejected by a client, by node ID and resource type (a node's series go 10 minutes after it disconnected).",
+		}, []string{"node", "type_url"}),
 		pushes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "shunt_xds_pushes_total",
 			Help: "xDS responses sent to clients, by resource type.",
@@ -86,11 +98,19 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "shunt_xds_resources",
 			Help: "xDS resources served, by resource type (listeners of every node flavor added up).",
 		}, []string{"type_url"}),
+		updateErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shunt_xds_update_errors_total",
+			Help: "Changes of the mesh state the xDS server refused (the served configuration stayed as it was).",
+		}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "shunt_xds_streams_refused_total",
+			Help: "xDS streams refused or closed by a limit (max_streams, max_resource_names).",
+		}, []string{"limit"}),
 	}
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.nacks, m.pushes, m.clients, m.resources} {
+	for _, c := range []prometheus.Collector{m.nacks, m.pushes, m.clients, m.resources, m.updateErrors, m.refused} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -105,13 +125,15 @@ type streamKey struct {
 
 type sent struct {
 	nonce, version string
+	answered       bool
 }
 
 type streamState struct {
 	peer     string
 	admitted bool
 	node     *nodeState
-	last     map[string]sent // type URL -> latest response
+	last     map[string]sent                // type URL -> latest response
+	delta    map[string]map[string]struct{} // type URL -> subscribed names (delta streams)
 }
 
 type nodeState struct {
@@ -129,21 +151,25 @@ type tracker struct {
 	log        *slog.Logger
 	met        *metrics
 	maxStreams int
+	maxNames   int
 	now        func() time.Time
 
 	mu      sync.Mutex
 	open    int
 	streams map[streamKey]*streamState
 	nodes   map[string]*nodeState
+	gone    map[string]uint64 // node ID -> generation, for the NACK series retention
+	gen     uint64
 }
 
 var _ serverv3.Callbacks = (*tracker)(nil)
 
-func newTracker(log *slog.Logger, met *metrics, maxStreams int) *tracker {
+func newTracker(log *slog.Logger, met *metrics, maxStreams, maxNames int) *tracker {
 	return &tracker{
-		log: log, met: met, maxStreams: maxStreams, now: time.Now,
+		log: log, met: met, maxStreams: maxStreams, maxNames: maxNames, now: time.Now,
 		streams: map[streamKey]*streamState{},
 		nodes:   map[string]*nodeState{},
+		gone:    map[string]uint64{},
 	}
 }
 
@@ -159,6 +185,7 @@ func (t *tracker) streamOpen(ctx context.Context, k streamKey) error {
 	defer t.mu.Unlock()
 	t.streams[k] = st
 	if t.open >= t.maxStreams {
+		t.met.refused.WithLabelValues("max_streams").Inc()
 		return status.Errorf(codes.ResourceExhausted, "xds: %d streams open, the limit", t.open)
 	}
 	st.admitted = true
@@ -186,8 +213,25 @@ func (t *tracker) streamClosed(k streamKey) {
 		}
 		if n.streams <= 0 {
 			delete(t.nodes, n.info.ID)
+			t.forgetLater(n.info.ID)
 		}
 	}
+}
+
+// forgetLater drops the node's NACK series after nackSeriesRetention
+// unless it reconnected meanwhile. Must hold t.mu.
+func (t *tracker) forgetLater(id string) {
+	t.gen++
+	gen := t.gen
+	t.gone[id] = gen
+	time.AfterFunc(nackSeriesRetention, func() {
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		if g, ok := t.gone[id]; ok && g == gen {
+			delete(t.gone, id)
+			t.met.nacks.DeletePartialMatch(prometheus.Labels{"node": id})
+		}
+	})
 }
 
 // attach binds a stream to its node on the stream's first request.
@@ -197,6 +241,7 @@ func (t *tracker) attach(st *streamState, node *corev3.Node) *nodeState {
 		return st.node
 	}
 	info := nodeInfo(node)
+	delete(t.gone, info.ID)
 	n := t.nodes[info.ID]
 	if n == nil {
 		n = &nodeState{info: info, peers: map[string]int{}, connectedAt: t.now(), types: map[string]*TypeStatus{}}
@@ -217,22 +262,36 @@ func (n *nodeState) typ(typeURL string) *TypeStatus {
 	return ts
 }
 
-// request records an ACK or a NACK. version is what the client reports
-// as accepted (sotw) or "" (delta: the acked version is the one sent with
-// that nonce).
-func (t *tracker) request(k streamKey, node *corev3.Node, typeURL, nonce, version string, errDetail *status.Status) {
+// request records a request: the names it watches (refused beyond
+// maxNames), and the ACK or NACK it carries. version is what the client
+// reports as accepted (sotw) or "" (delta: the acked version is the one
+// sent with that nonce). watching is the number of names now watched
+// (0: wildcard).
+func (t *tracker) request(k streamKey, node *corev3.Node, typeURL, nonce, version string, watching int, errDetail *status.Status) error {
 	t.mu.Lock()
 	st := t.streams[k]
 	if st == nil {
 		t.mu.Unlock()
-		return
+		return nil
+	}
+	if watching > t.maxNames {
+		t.mu.Unlock()
+		t.met.refused.WithLabelValues("max_resource_names").Inc()
+		return status.Errorf(codes.ResourceExhausted, "xds: %d %s resource names watched on one stream, the limit is %d", watching, typeURL, t.maxNames)
 	}
 	n := t.attach(st, node)
+	if n != nil {
+		n.typ(typeURL).Watching = watching
+	}
 	if nonce == "" {
 		t.mu.Unlock()
-		return // a subscription, not an answer to a response
+		return nil // a subscription, not an answer to a response
 	}
 	last := st.last[typeURL]
+	if last.nonce == nonce {
+		last.answered = true
+		st.last[typeURL] = last
+	}
 	now := t.now()
 	if errDetail == nil {
 		if n != nil && last.nonce == nonce {
@@ -243,7 +302,7 @@ func (t *tracker) request(k streamKey, node *corev3.Node, typeURL, nonce, versio
 			ts.AckedVersion, ts.AckedAt = version, now
 		}
 		t.mu.Unlock()
-		return
+		return nil
 	}
 	nack := &NACK{Nonce: nonce, Error: errDetail.Message(), Time: now}
 	if last.nonce == nonce {
@@ -256,10 +315,42 @@ func (t *tracker) request(k streamKey, node *corev3.Node, typeURL, nonce, versio
 		ts.LastNACK = nack
 		id = n.info.ID
 	}
+	t.met.nacks.WithLabelValues(id, typeURL).Inc()
 	t.mu.Unlock()
-	t.met.nacks.WithLabelValues(typeURL).Inc()
 	t.log.Warn("xds: client rejected configuration; it keeps its last accepted one",
 		"node", id, "type_url", typeURL, "version", nack.Version, "nonce", nonce, "accepted_version", version, "error", nack.Error)
+	return nil
+}
+
+// deltaWatching updates a delta stream's subscription set and returns its
+// size (0 for a wildcard subscription, which names nothing).
+func (t *tracker) deltaWatching(k streamKey, typeURL string, sub, unsub []string) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	st := t.streams[k]
+	if st == nil {
+		return 0
+	}
+	if st.delta == nil {
+		st.delta = map[string]map[string]struct{}{}
+	}
+	set := st.delta[typeURL]
+	if set == nil {
+		set = map[string]struct{}{}
+		st.delta[typeURL] = set
+	}
+	for _, n := range sub {
+		if len(set) > t.maxNames {
+			break // refused by request; do not grow further
+		}
+		if n != "*" {
+			set[n] = struct{}{}
+		}
+	}
+	for _, n := range unsub {
+		delete(set, n)
+	}
+	return len(set)
 }
 
 func (t *tracker) response(k streamKey, node *corev3.Node, typeURL, nonce, version string) {
@@ -281,6 +372,20 @@ func (t *tracker) response(k streamKey, node *corev3.Node, typeURL, nonce, versi
 func (t *tracker) snapshot() (int, []NodeStatus) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	pending := map[*nodeState]map[string]bool{}
+	for _, st := range t.streams {
+		if st.node == nil {
+			continue
+		}
+		for typeURL, last := range st.last {
+			if !last.answered {
+				if pending[st.node] == nil {
+					pending[st.node] = map[string]bool{}
+				}
+				pending[st.node][typeURL] = true
+			}
+		}
+	}
 	out := make([]NodeStatus, 0, len(t.nodes))
 	for _, n := range t.nodes {
 		ns := NodeStatus{NodeInfo: n.info, Streams: n.streams, ConnectedAt: n.connectedAt, Types: map[string]TypeStatus{}}
@@ -290,6 +395,7 @@ func (t *tracker) snapshot() (int, []NodeStatus) {
 		slices.Sort(ns.Peers)
 		for typeURL, ts := range n.types {
 			c := *ts
+			c.Pending = pending[n][typeURL]
 			if ts.LastNACK != nil {
 				nack := *ts.LastNACK
 				c.LastNACK = &nack
@@ -316,8 +422,8 @@ func (t *tracker) OnStreamRequest(id int64, req *discoveryv3.DiscoveryRequest) e
 	if req.GetErrorDetail() != nil {
 		errDetail = status.FromProto(req.GetErrorDetail())
 	}
-	t.request(streamKey{id: id}, req.GetNode(), req.GetTypeUrl(), req.GetResponseNonce(), req.GetVersionInfo(), errDetail)
-	return nil
+	return t.request(streamKey{id: id}, req.GetNode(), req.GetTypeUrl(), req.GetResponseNonce(), req.GetVersionInfo(),
+		len(req.GetResourceNames()), errDetail)
 }
 
 func (t *tracker) OnStreamResponse(_ context.Context, id int64, req *discoveryv3.DiscoveryRequest, resp *discoveryv3.DiscoveryResponse) {
@@ -337,8 +443,9 @@ func (t *tracker) OnStreamDeltaRequest(id int64, req *discoveryv3.DeltaDiscovery
 	if req.GetErrorDetail() != nil {
 		errDetail = status.FromProto(req.GetErrorDetail())
 	}
-	t.request(streamKey{delta: true, id: id}, req.GetNode(), req.GetTypeUrl(), req.GetResponseNonce(), "", errDetail)
-	return nil
+	k := streamKey{delta: true, id: id}
+	watching := t.deltaWatching(k, req.GetTypeUrl(), req.GetResourceNamesSubscribe(), req.GetResourceNamesUnsubscribe())
+	return t.request(k, req.GetNode(), req.GetTypeUrl(), req.GetResponseNonce(), "", watching, errDetail)
 }
 
 func (t *tracker) OnStreamDeltaResponse(id int64, req *discoveryv3.DeltaDiscoveryRequest, resp *discoveryv3.DeltaDiscoveryResponse) {

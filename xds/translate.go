@@ -4,8 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"slices"
-	"strings"
 	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
@@ -91,8 +89,9 @@ type Resources struct {
 }
 
 // Translate turns a mesh state into xDS resources. It is a pure function:
-// the same state always gives byte-identical resources. st should have
-// passed Validate; Translate still rejects what it cannot express.
+// the same state always gives byte-identical resources. Services are
+// validated (mesh.Service.Validate, unique names and frontends); pods are
+// ignored.
 //
 // Per service (one frontend):
 //   - a Cluster of type EDS (config from ADS). random: lb_policy ROUND_ROBIN
@@ -114,157 +113,14 @@ type Resources struct {
 //     route (named like the cluster) sends everything to the cluster.
 //     UDP frontends get the cluster and endpoints only.
 func Translate(st *mesh.State, opts Options) (*Resources, error) {
-	return newTranslator(opts).translate(st)
-}
-
-// translator is Translate with memory: the Server keeps one so that an
-// update re-translates only the services that changed (an endpoint change
-// rebuilds one ClusterLoadAssignment, not 3000 of them). Resources handed
-// out are never modified afterwards, so reusing them is safe; the output
-// is identical to a fresh translation.
-type translator struct {
-	opts Options
-	svcs map[string]*svcOut // by mesh service name
-
-	chains      []*listenerv3.FilterChain // of the last sidecar listeners
-	ipv6        bool
-	sidecar     []*listenerv3.Listener
-	passthrough []*clusterv3.Cluster
-}
-
-// svcOut is the translation of one service.
-type svcOut struct {
-	svc     mesh.Service // a copy, with its own backend slice
-	cn, ln  string       // cluster name; API listener name ("" when none)
-	cluster *clusterv3.Cluster
-	cla     *endpointv3.ClusterLoadAssignment
-	chain   *listenerv3.FilterChain // nil for UDP
-	api     *listenerv3.Listener    // nil without API listener
-	route   *routev3.RouteConfiguration
-}
-
-func newTranslator(opts Options) *translator {
-	opts = opts.withDefaults()
-	return &translator{
-		opts: opts,
-		svcs: map[string]*svcOut{},
-		passthrough: []*clusterv3.Cluster{
-			passthroughCluster(PassthroughClusterName, opts),
-			passthroughCluster(InboundPassthroughCluster, opts),
-		},
-	}
-}
-
-func (t *translator) translate(st *mesh.State) (*Resources, error) {
 	if st == nil {
 		return nil, errors.New("xds: nil state")
 	}
-	opts := t.opts
-	svcs := make([]*mesh.Service, len(st.Services))
-	for i := range st.Services {
-		svcs[i] = &st.Services[i]
+	m := newModel(opts)
+	if err := m.apply(Change{Services: st.Services, Replace: true}); err != nil {
+		return nil, err
 	}
-	slices.SortFunc(svcs, func(a, b *mesh.Service) int { return strings.Compare(a.Name, b.Name) })
-
-	r := &Resources{}
-	next := make(map[string]*svcOut, len(svcs))
-	clusterNames := map[string]string{} // cluster name -> mesh service
-	listenerNames := map[string]string{}
-	var chains []*listenerv3.FilterChain
-	ipv6 := false
-	for _, svc := range svcs {
-		if !svc.Frontend.Addr.IsValid() || svc.Frontend.Addr.Port() == 0 {
-			return nil, fmt.Errorf("xds: service %q: invalid frontend %q", svc.Name, svc.Frontend.Addr)
-		}
-		cn := ClusterName(svc, opts.ClusterDomain)
-		if other, taken := clusterNames[cn]; taken {
-			r.Warnings = append(r.Warnings, fmt.Sprintf("service %q: cluster name %q already used by %q; using %q", svc.Name, cn, other, fallbackClusterName(svc)))
-			cn = fallbackClusterName(svc)
-			if _, taken := clusterNames[cn]; taken {
-				return nil, fmt.Errorf("xds: service %q: cluster name %q is not unique", svc.Name, cn)
-			}
-		}
-		clusterNames[cn] = svc.Name
-		ln := ""
-		if svc.Frontend.Proto != mesh.UDP { // tcp_proxy and gRPC are TCP only
-			ln = ListenerName(svc, opts.ClusterDomain)
-			if other, taken := listenerNames[ln]; taken {
-				r.Warnings = append(r.Warnings, fmt.Sprintf("service %q: API listener %q already used by %q; proxyless clients cannot reach this service by name", svc.Name, ln, other))
-				ln = ""
-			} else {
-				listenerNames[ln] = svc.Name
-			}
-		}
-
-		out, err := t.service(svc, cn, ln)
-		if err != nil {
-			return nil, err
-		}
-		next[svc.Name] = out
-		r.Clusters = append(r.Clusters, out.cluster)
-		r.Endpoints = append(r.Endpoints, out.cla)
-		if out.chain != nil {
-			chains = append(chains, out.chain)
-			ipv6 = ipv6 || svc.Frontend.Addr.Addr().Is6()
-		}
-		if out.api != nil {
-			r.APIListeners = append(r.APIListeners, out.api)
-			r.Routes = append(r.Routes, out.route)
-		}
-	}
-	t.svcs = next
-
-	if t.sidecar == nil || ipv6 != t.ipv6 || !slices.Equal(chains, t.chains) {
-		t.sidecar = []*listenerv3.Listener{inboundListener(ipv6), outboundListener(chains, ipv6)}
-		t.chains, t.ipv6 = chains, ipv6
-	}
-	r.SidecarListeners = slices.Clone(t.sidecar)
-	r.Clusters = append(r.Clusters, t.passthrough...)
-
-	byName := func(a, b types.Resource) int {
-		return strings.Compare(cache.GetResourceName(a), cache.GetResourceName(b))
-	}
-	slices.SortFunc(r.SidecarListeners, func(a, b *listenerv3.Listener) int { return byName(a, b) })
-	slices.SortFunc(r.APIListeners, func(a, b *listenerv3.Listener) int { return byName(a, b) })
-	slices.SortFunc(r.Routes, func(a, b *routev3.RouteConfiguration) int { return byName(a, b) })
-	slices.SortFunc(r.Clusters, func(a, b *clusterv3.Cluster) int { return byName(a, b) })
-	slices.SortFunc(r.Endpoints, func(a, b *endpointv3.ClusterLoadAssignment) int { return byName(a, b) })
-	return r, nil
-}
-
-// service translates one service, reusing what the previous translation
-// built from the same inputs.
-func (t *translator) service(svc *mesh.Service, cn, ln string) (*svcOut, error) {
-	prev := t.svcs[svc.Name]
-	out := &svcOut{svc: *svc, cn: cn, ln: ln}
-	out.svc.Backends = slices.Clone(svc.Backends)
-	// Cluster, filter chain, API listener and route depend on the names,
-	// the frontend and the algorithm; the endpoints on names, protocol and
-	// backends.
-	sameShape := prev != nil && prev.cn == cn && prev.ln == ln &&
-		prev.svc.Frontend == svc.Frontend && prev.svc.Algorithm == svc.Algorithm
-	if sameShape {
-		out.cluster, out.chain, out.api, out.route = prev.cluster, prev.chain, prev.api, prev.route
-	} else {
-		out.cluster = buildCluster(svc, cn, t.opts)
-		if svc.Frontend.Proto != mesh.UDP {
-			out.chain = outboundChain(svc, cn)
-		}
-		if ln != "" {
-			out.api = apiListener(ln, cn)
-			out.route = routeConfig(svc, cn, ServiceHost(svc.Name, t.opts.ClusterDomain))
-		}
-	}
-	if prev != nil && prev.cn == cn && prev.svc.Frontend.Proto == svc.Frontend.Proto && slices.Equal(prev.svc.Backends, svc.Backends) {
-		out.cla = prev.cla
-	} else {
-		cla, err := buildLoadAssignment(svc, cn)
-		if err != nil {
-			return nil, err
-		}
-		out.cla = cla
-	}
-	return out, nil
+	return m.resources(), nil
 }
 
 // Listeners returns the listeners a node of the given flavor receives.

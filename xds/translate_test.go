@@ -5,9 +5,12 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"maps"
+	"math/rand/v2"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -247,39 +250,130 @@ func TestNameCollisions(t *testing.T) {
 	}
 }
 
-// TestTranslatorMemo: a translator reusing its previous output produces
-// exactly what a fresh translation does, through every kind of change.
-func TestTranslatorMemo(t *testing.T) {
-	tr := newTranslator(Options{})
+// TestModelReplace: the model fed whole states (Replace) reuses its
+// previous output and produces exactly what a fresh translation does,
+// through every kind of change.
+func TestModelReplace(t *testing.T) {
+	m := newModel(Options{})
 	steps := []func(*mesh.State){
 		func(*mesh.State) {},
 		func(st *mesh.State) { st.Services[0].Backends[0].Weight = 7 },
 		func(st *mesh.State) { st.Services[0].Algorithm = mesh.Maglev },
 		func(st *mesh.State) { st.Services[1].Frontend.Addr = ap("10.96.0.99:5433") },
 		func(st *mesh.State) { st.Services = st.Services[1:] },
-		func(st *mesh.State) { st.Services[3].Frontend.Addr = ap("10.96.0.14:80") }, // v6 gone: listeners lose "::"
+		func(st *mesh.State) { // v6 gone: listeners lose "::"
+			st.Services[3].Frontend.Addr = ap("10.96.0.14:80")
+			st.Services[3].Backends[0].Addr = ap("10.0.5.1:8080")
+		},
 		func(st *mesh.State) { // collision: the new service sorts first and takes the names
 			st.Services = append(st.Services, mesh.Service{Name: "default/db:other", Frontend: mesh.Frontend{Addr: ap("10.96.1.1:5433"), Proto: mesh.TCP},
 				Backends: []mesh.Backend{{Addr: ap("10.0.2.9:5432"), Weight: 1}}})
 		},
 		func(st *mesh.State) { st.Services[2].Backends = nil },
+		func(st *mesh.State) { st.Services = st.Services[:len(st.Services)-1] }, // the owner goes: db:pg takes its names back
 	}
 	st := smallState()
 	for i, step := range steps {
 		step(st)
-		inc, err := tr.translate(st)
-		if err != nil {
+		if err := m.apply(Change{Services: st.Services, Replace: true}); err != nil {
 			t.Fatal(err)
 		}
-		fresh, err := Translate(st, Options{})
+		checkModel(t, fmt.Sprintf("step %d", i), m, st)
+	}
+}
+
+// checkModel compares the model with a fresh translation of st and checks
+// it (ValidateAll, Consistent).
+func checkModel(t *testing.T, what string, m *model, st *mesh.State) {
+	t.Helper()
+	fresh, err := Translate(st, Options{})
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	inc := m.resources()
+	if a, b := renderResources(t, inc), renderResources(t, fresh); a != b {
+		t.Fatalf("%s: incremental translation differs from a fresh one:\n%s", what, diffLines(b, a))
+	}
+	if err := inc.Check(); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+}
+
+// TestModelDeltas: random sequences of upserts and deletions, with name
+// collisions, moving frontends, UDP and IPv6, applied as deltas, always
+// equal a fresh translation of the resulting state; refused deltas change
+// nothing.
+func TestModelDeltas(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	// A small name and address space so that collisions happen often:
+	// "ns0/web:a" and "ns0/web:b" claim the same names on the same port.
+	randomService := func() mesh.Service {
+		ns, name, port := rng.IntN(2), []string{"web", "db"}[rng.IntN(2)], []string{"a", "b", "c"}[rng.IntN(3)]
+		s := mesh.Service{Name: fmt.Sprintf("ns%d/%s:%s", ns, name, port), Frontend: mesh.Frontend{Proto: mesh.TCP}}
+		vip := netip.AddrFrom4([4]byte{10, 96, 0, byte(rng.IntN(12))})
+		if rng.IntN(5) == 0 {
+			vip = netip.MustParseAddr(fmt.Sprintf("fd00::%d", rng.IntN(12)+1))
+		}
+		s.Frontend.Addr = netip.AddrPortFrom(vip, uint16(80+rng.IntN(2)))
+		if rng.IntN(6) == 0 {
+			s.Frontend.Proto = mesh.UDP
+		}
+		if rng.IntN(4) == 0 {
+			s.Algorithm = mesh.Maglev
+		}
+		for j := range rng.IntN(4) {
+			b := mesh.Backend{Addr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(j), byte(rng.IntN(3))}), 8080), Weight: uint32(rng.IntN(3))}
+			if vip.Is6() {
+				b.Addr = netip.AddrPortFrom(netip.MustParseAddr(fmt.Sprintf("fd00:1::%d:%d", j, rng.IntN(3))), 8080)
+			}
+			if rng.IntN(4) == 0 {
+				b.State = mesh.Terminating
+			}
+			if !slices.ContainsFunc(s.Backends, func(x mesh.Backend) bool { return x.Addr == b.Addr }) {
+				s.Backends = append(s.Backends, b)
+			}
+		}
+		return s
+	}
+	m := newModel(Options{})
+	cur := map[string]mesh.Service{}
+	state := func() *mesh.State {
+		st := &mesh.State{}
+		for _, n := range slices.Sorted(maps.Keys(cur)) {
+			st.Services = append(st.Services, cur[n])
+		}
+		return st
+	}
+	refused := 0
+	for step := range 800 {
+		var ch Change
+		for range 1 + rng.IntN(3) {
+			if len(cur) > 0 && rng.IntN(3) == 0 {
+				names := slices.Sorted(maps.Keys(cur))
+				ch.Delete = append(ch.Delete, names[rng.IntN(len(names))])
+			} else {
+				ch.Services = append(ch.Services, randomService())
+			}
+		}
+		before := renderResources(t, m.resources())
+		err := m.apply(ch)
 		if err != nil {
-			t.Fatal(err)
+			refused++
+			if after := renderResources(t, m.resources()); after != before {
+				t.Fatalf("step %d: refused change (%v) modified the model", step, err)
+			}
+			continue
 		}
-		if a, b := renderResources(t, inc), renderResources(t, fresh); a != b {
-			t.Fatalf("step %d: incremental translation differs:\n%s", i, diffLines(b, a))
+		for _, n := range ch.Delete {
+			delete(cur, n)
 		}
-		if err := inc.Check(); err != nil {
-			t.Fatalf("step %d: %v", i, err)
+		for _, s := range ch.Services {
+			cur[s.Name] = s
 		}
+		checkModel(t, fmt.Sprintf("step %d", step), m, state())
+	}
+	t.Logf("%d of 800 changes refused", refused)
+	if refused == 0 || refused > 600 {
+		t.Errorf("%d of 800 random changes refused: the generator does not cover both outcomes", refused)
 	}
 }

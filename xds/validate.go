@@ -2,6 +2,7 @@ package xds
 
 import (
 	"fmt"
+	"sync"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -22,6 +23,46 @@ func validateDeep(m proto.Message) error {
 	return walkAnys(m.ProtoReflect())
 }
 
+// holdsAny memoizes, per message type, whether an Any can occur anywhere
+// inside it: walkAnys skips the fields that cannot hold one (endpoint
+// lists are the bulk of the resources and hold none).
+var holdsAny sync.Map // protoreflect.FullName -> bool
+
+func mayHoldAny(md protoreflect.MessageDescriptor) bool {
+	if v, ok := holdsAny.Load(md.FullName()); ok {
+		return v.(bool)
+	}
+	anyName := (&anypb.Any{}).ProtoReflect().Descriptor().FullName()
+	seen := map[protoreflect.FullName]bool{md.FullName(): true}
+	queue := []protoreflect.MessageDescriptor{md}
+	found := false
+	for len(queue) > 0 && !found {
+		d := queue[0]
+		queue = queue[1:]
+		if d.FullName() == anyName {
+			found = true
+			break
+		}
+		fields := d.Fields()
+		for i := range fields.Len() {
+			fd := fields.Get(i)
+			var sub protoreflect.MessageDescriptor
+			switch {
+			case fd.IsMap():
+				sub = fd.MapValue().Message()
+			default:
+				sub = fd.Message()
+			}
+			if sub != nil && !seen[sub.FullName()] {
+				seen[sub.FullName()] = true
+				queue = append(queue, sub)
+			}
+		}
+	}
+	holdsAny.Store(md.FullName(), found)
+	return found
+}
+
 func walkAnys(m protoreflect.Message) error {
 	if a, ok := m.Interface().(*anypb.Any); ok {
 		inner, err := a.UnmarshalNew()
@@ -37,17 +78,25 @@ func walkAnys(m protoreflect.Message) error {
 	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
 		switch {
 		case fd.IsList() && fd.Message() != nil:
+			if !mayHoldAny(fd.Message()) {
+				return true
+			}
 			l := v.List()
 			for i := 0; i < l.Len() && err == nil; i++ {
 				err = walkAnys(l.Get(i).Message())
 			}
 		case fd.IsMap() && fd.MapValue().Message() != nil:
+			if !mayHoldAny(fd.MapValue().Message()) {
+				return true
+			}
 			v.Map().Range(func(_ protoreflect.MapKey, mv protoreflect.Value) bool {
 				err = walkAnys(mv.Message())
 				return err == nil
 			})
 		case !fd.IsList() && !fd.IsMap() && fd.Message() != nil:
-			err = walkAnys(v.Message())
+			if mayHoldAny(fd.Message()) {
+				err = walkAnys(v.Message())
+			}
 		}
 		return err == nil
 	})

@@ -67,6 +67,10 @@ func main() {
 		cfg.SocketLB.HostNamespaceOnly = *hostOnly
 	}
 	if *validate {
+		if err := cfg.WithDefaults().XDS.Validate(); err != nil {
+			fmt.Fprintln(os.Stderr, "shuntd: invalid configuration:", err)
+			os.Exit(1)
+		}
 		if _, err := cfg.State(); err != nil {
 			fmt.Fprintln(os.Stderr, "shuntd: invalid configuration:", err)
 			os.Exit(1)
@@ -82,10 +86,16 @@ func main() {
 		log.Error("start", "err", err)
 		os.Exit(1)
 	}
+	if err := a.StartXDS(reg); err != nil { // no-op unless xds.enabled
+		log.Error("start xds server", "err", err)
+		a.Close()
+		os.Exit(1)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	log.Info("shuntd running", "api", a.Config().APISocket, "metrics", a.Config().MetricsAddr)
+	log.Info("shuntd running", "api", a.Config().APISocket, "metrics", a.Config().MetricsAddr, "xds", a.Config().XDS.Enabled)
 	err = a.Run(ctx, reg)
+	a.StopXDS()
 	a.Close() // programs stay attached through their pinned links
 	if err != nil {
 		log.Error("run", "err", err)

@@ -31,6 +31,7 @@ commands:
               [--exclude-outbound-ports P,..] [--exclude-outbound-cidrs C,..]
               [--include-outbound-cidrs C,..] [--exclude-inbound-ports P,..]] [--ips A,..]
   pod delete --name N
+  xds status [--json]                  xDS server: connected nodes, per type sent/accepted version, pending, last NACK
   cleanup [--bpffs-root DIR]           detach every program and remove all pins (stop shuntd first)
   demo [--connections N]               standalone demo: pods, shuntd, a service, traffic, counters, cleanup
   bench connect|update [FLAGS]         benchmarks (root; see shuntctl bench help)
@@ -80,6 +81,8 @@ func Run(args []string, stdout, stderr io.Writer) error {
 			return podDelete(c, rest[2:], stdout)
 		}
 		return fmt.Errorf("pod %s: unknown subcommand", rest[1])
+	case "xds":
+		return xdsCmd(c, rest[1:], stdout)
 	case "cleanup":
 		return cleanup(rest[1:], stdout)
 	case "demo":
