@@ -54,8 +54,11 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 #define IPPROTO_DSTOPTS_ 60
 #define ETH_HLEN_ 14
 
+/* An LRU: the agent never deletes the entry of a backend removed from its
+ * service, so established flows the load balancer still sends there (from
+ * its conntrack) keep working; stale entries are the first evicted. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct dsr_svc_key);
 	__type(value, struct dsr_local);
 	__uint(max_entries, 65536);

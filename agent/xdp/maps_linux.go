@@ -181,9 +181,19 @@ func (d *Datapath) check(desired []Service) error {
 		}
 		seen[k] = true
 		fam := family(s.Frontend.Addr())
+		tunnels := map[netip.Addr]netip.AddrPort{}
 		for _, b := range s.Backends {
 			if family(b.Addr.Addr()) != fam {
 				return fmt.Errorf("%s: backend %s: address family differs from the frontend", FrontendString(s.Frontend, s.Proto), b.Addr)
+			}
+			// The backend side finds an IPIP packet's backend by VIP and
+			// tunnel address: two backends of a service cannot share one.
+			if usesDSR(s) && (s.Dispatch == "" || s.Dispatch == mesh.IPIP) {
+				if other, dup := tunnels[b.tunnel()]; dup {
+					return fmt.Errorf("%s: backends %s and %s share the tunnel address %s: with IPIP the backend side cannot tell them apart (give each its own tunnel address, or use geneve or opt)",
+						FrontendString(s.Frontend, s.Proto), other, b.Addr, b.tunnel())
+				}
+				tunnels[b.tunnel()] = b.Addr
 			}
 		}
 	}
@@ -420,7 +430,8 @@ func (d *Datapath) resetCounters(svcs, bes []uint32) error {
 // syncDSR writes the backend side's map: for every service some of whose
 // packets go by DSR, each backend's (VIP, port, proto, tunnel address) ->
 // backend address and port. A node only matches the entries of its own
-// tunnel addresses.
+// tunnel addresses. Entries are added and updated, never deleted (see
+// below).
 func (d *Datapath) syncDSR(desired []Service) error {
 	want := map[bpf.DsrDsrSvcKey]bpf.DsrDsrLocal{}
 	for _, s := range desired {
@@ -447,15 +458,10 @@ func (d *Datapath) syncDSR(desired []Service) error {
 		}
 		d.st.dsr[k] = v
 	}
-	for k := range d.st.dsr {
-		if _, ok := want[k]; ok {
-			continue
-		}
-		if err := d.dsr.DsrServices.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return mapErr("dsr_services", err)
-		}
-		delete(d.st.dsr, k)
-	}
+	// Entries no service needs any more stay: the load balancer may still
+	// send established flows to a removed backend (its conntrack keeps
+	// them there), and the backend must keep decapsulating them.
+	// dsr_services is an LRU, so they are the first evicted.
 	return nil
 }
 
