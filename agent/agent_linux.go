@@ -52,6 +52,7 @@ type Agent struct {
 	ids     map[string]uint32 // service name -> datapath id
 	cookies map[string]podCookie
 	started time.Time
+	xdp     *xdpState // north-south load balancer (xdp_linux.go); nil until used
 }
 
 type podCookie struct {
@@ -100,12 +101,17 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Agent, error
 			dp.Close()
 			return nil, fmt.Errorf("register metrics: %w", err)
 		}
+		if err := reg.Register(newXDPCollector(a)); err != nil {
+			dp.Close()
+			return nil, fmt.Errorf("register metrics: %w", err)
+		}
 	}
 	log.Info("datapath loaded", "cgroup", cfg.Datapath.Cgroup, "bpffs", cfg.Datapath.Root, "adopted", dp.Adopted, "layout", datapath.LayoutVersion)
 	a.mu.Lock()
 	err = a.applyLocked(merge(base, a.overlay))
 	a.mu.Unlock()
 	if err != nil {
+		a.closeXDP()
 		dp.Close()
 		return nil, fmt.Errorf("initial reconcile: %w", err)
 	}
@@ -114,7 +120,10 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Agent, error
 
 // Close releases the agent's handles; the datapath stays attached and keeps
 // translating with the last written state.
-func (a *Agent) Close() error { return a.dp.Close() }
+func (a *Agent) Close() error {
+	a.closeXDP()
+	return a.dp.Close()
+}
 
 // Datapath exposes the loaded datapath (status, tests).
 func (a *Agent) Datapath() *datapath.Datapath { return a.dp }
@@ -259,6 +268,9 @@ func (a *Agent) applyInner(st *mesh.State) error {
 		return err
 	}
 	if err := a.dp.SetConfig(a.hostCookie, a.cfg.SocketLB.HostNamespaceOnly); err != nil {
+		return err
+	}
+	if err := a.syncXDP(st); err != nil { // agent/xdp_linux.go: services with algorithm maglev
 		return err
 	}
 	ids := map[string]uint32{}

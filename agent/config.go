@@ -10,6 +10,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/shuntmesh/shunt/agent/datapath"
+	"github.com/shuntmesh/shunt/agent/xdp"
 	"github.com/shuntmesh/shunt/mesh"
 )
 
@@ -32,6 +33,9 @@ type Config struct {
 	// StateFile keeps run-time changes (shuntctl service/pod update and
 	// delete) across agent restarts.
 	StateFile string `json:"stateFile,omitempty"`
+	// XDP is the north-south load balancer (XDP Maglev + DSR), off unless
+	// devices are listed.
+	XDP xdp.Config `json:"xdp,omitzero"`
 	// Services and Pods are the standalone desired state.
 	Services []ServiceConfig `json:"services,omitempty"`
 	Pods     []mesh.Pod      `json:"pods,omitempty"`
@@ -119,6 +123,9 @@ func LoadConfig(path string) (Config, error) {
 // Validate checks the whole configuration, including its services.
 func (c Config) Validate() error {
 	if err := c.Datapath.Validate(); err != nil {
+		return err
+	}
+	if err := c.XDP.Validate(); err != nil {
 		return err
 	}
 	_, err := c.State()

@@ -3,8 +3,12 @@ package xdp
 import (
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 
 	"github.com/shuntmesh/shunt/bpf"
 	"github.com/shuntmesh/shunt/mesh"
@@ -76,4 +80,44 @@ func Which(prog *ebpf.Program, ct *ebpf.Map, proto mesh.Protocol, src, dst netip
 func FlowKey(proto mesh.Protocol, src, dst netip.AddrPort) bpf.XdplbXlbFlow {
 	return bpf.XdplbXlbFlow{Src: addrWords(src.Addr()), Dst: addrWords(dst.Addr()), Sport: portN(src.Port()),
 		Dport: portN(dst.Port()), Proto: protoNum(proto), Family: family(src.Addr())}
+}
+
+// OpenPinned opens the load balancer program attached to device (any
+// device when "") and the conntrack map, from the pins under the agent's
+// bpffs root: what `shuntctl lb which` runs.
+func OpenPinned(root, device string) (*ebpf.Program, *ebpf.Map, error) {
+	dir := filepath.Join(root, "xdp")
+	entries, err := os.ReadDir(filepath.Join(dir, "links"))
+	if err != nil {
+		return nil, nil, fmt.Errorf("no load balancer pinned under %s (is xdp.devices configured and shuntd started?): %w", dir, err)
+	}
+	var linkPath string
+	for _, e := range entries {
+		if name, ok := strings.CutPrefix(e.Name(), "xdp-"); ok && (device == "" || name == device) {
+			linkPath = filepath.Join(dir, "links", e.Name())
+			break
+		}
+	}
+	if linkPath == "" {
+		return nil, nil, fmt.Errorf("no load balancer link for device %q under %s", device, dir)
+	}
+	l, err := link.LoadPinnedLink(linkPath, nil)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open %s: %w", linkPath, err)
+	}
+	defer l.Close()
+	info, err := l.Info()
+	if err != nil {
+		return nil, nil, fmt.Errorf("link %s: %w", linkPath, err)
+	}
+	prog, err := ebpf.NewProgramFromID(info.Program)
+	if err != nil {
+		return nil, nil, fmt.Errorf("program %d of %s: %w", info.Program, linkPath, err)
+	}
+	ct, err := ebpf.LoadPinnedMap(filepath.Join(dir, "maps", bpf.XdplbMapLbCt), nil)
+	if err != nil {
+		prog.Close()
+		return nil, nil, fmt.Errorf("conntrack map: %w", err)
+	}
+	return prog, ct, nil
 }

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
 	"github.com/shuntmesh/shunt/agent/xdp"
@@ -146,6 +147,26 @@ func ipRun(t *testing.T, args ...string) {
 
 func newLBCluster(t *testing.T) *lbCluster {
 	t.Helper()
+	c := newTopology(t)
+	c.lbCfg = xdp.Config{Devices: []string{"eth0"}, NetNS: c.lbPod.NetNSPath(), Seed: e2eSeed, TableSize: 251,
+		NodeAddr: c.lbPod.IPv4().String(), NodeAddr6: c.lbPod.IPv6().String(), MaxFlows: 16384, MaxBackends: 256, MaxServices: 64}
+	c.lb = c.open(c.lbCfg, "lb")
+	if len(c.lb.Generic) != 0 {
+		t.Fatalf("native XDP refused on the load balancer's veth: %v", c.lb.Generic)
+	}
+	c.attachPeerPass(c.lb.PassProgram())
+	for _, p := range c.backends {
+		cfg := xdp.Config{DSRDevices: []string{"eth0"}, NetNS: p.NetNSPath(), MaxFlows: 16384, MaxBackends: 256, MaxServices: 64}
+		c.dsrCfg = append(c.dsrCfg, cfg)
+		c.dsr = append(c.dsr, c.open(cfg, p.Name()))
+	}
+	return c
+}
+
+// newTopology builds the pods, links and routes, with servers running on
+// the backends (serve on 8080 TCP and UDP, bulk on 9000), but loads nothing.
+func newTopology(t *testing.T) *lbCluster {
+	t.Helper()
 	env := harness.New(t)
 	c := &lbCluster{t: t, env: env}
 	c.client = env.NewPod("client")
@@ -180,35 +201,29 @@ func newLBCluster(t *testing.T) *lbCluster {
 	}
 	ipRun(t, "-n", node, "route", "add", "10.96.0.0/24", "via", c.lbPod.IPv4().String(), "dev", c.lbPod.HostVeth())
 	ipRun(t, "-n", node, "route", "add", "fd00:96::/64", "via", c.lbPod.IPv6().String(), "dev", c.lbPod.HostVeth())
+	return c
+}
 
-	c.lbCfg = xdp.Config{Devices: []string{"eth0"}, NetNS: c.lbPod.NetNSPath(), Seed: e2eSeed, TableSize: 251,
-		NodeAddr: c.lbPod.IPv4().String(), NodeAddr6: c.lbPod.IPv6().String(), MaxFlows: 16384, MaxBackends: 256, MaxServices: 64}
-	c.lb = c.open(c.lbCfg, "lb")
-	if len(c.lb.Generic) != 0 {
-		t.Fatalf("native XDP refused on the load balancer's veth: %v", c.lb.Generic)
-	}
-	// A veth drops XDP_TX frames unless its peer runs an XDP program.
-	err := env.Node().InNetNS(func() error {
+// attachPeerPass attaches an XDP_PASS program to the node's side of the
+// load balancer's veth: a veth drops XDP_TX frames unless its peer runs an
+// XDP program.
+func (c *lbCluster) attachPeerPass(pass *ebpf.Program) {
+	c.t.Helper()
+	err := c.env.Node().InNetNS(func() error {
 		iface, err := net.InterfaceByName(c.lbPod.HostVeth())
 		if err != nil {
 			return err
 		}
-		l, err := link.AttachXDP(link.XDPOptions{Program: c.lb.PassProgram(), Interface: iface.Index, Flags: link.XDPDriverMode})
+		l, err := link.AttachXDP(link.XDPOptions{Program: pass, Interface: iface.Index, Flags: link.XDPDriverMode})
 		if err != nil {
 			return fmt.Errorf("attach xdp_pass to %s: %w", c.lbPod.HostVeth(), err)
 		}
-		t.Cleanup(func() { l.Close() })
+		c.t.Cleanup(func() { l.Close() })
 		return nil
 	})
 	if err != nil {
-		t.Fatal(err)
+		c.t.Fatal(err)
 	}
-	for _, p := range c.backends {
-		cfg := xdp.Config{DSRDevices: []string{"eth0"}, NetNS: p.NetNSPath(), MaxFlows: 16384, MaxBackends: 256, MaxServices: 64}
-		c.dsrCfg = append(c.dsrCfg, cfg)
-		c.dsr = append(c.dsr, c.open(cfg, p.Name()))
-	}
-	return c
 }
 
 // open loads and attaches a datapath pinned under the test's bpffs folder.
