@@ -60,7 +60,8 @@ type Agent struct {
 	// selfTest is the sockmap self-test's result on this kernel; auto
 	// accelerates nothing unless it passed.
 	selfTest datapath.SelfTestResult
-	xds      *xdsRun // StartXDS (agent/xds_linux.go)
+	xds      *xdsRun   // StartXDS (agent/xds_linux.go)
+	xdp      *xdpState // north-south load balancer (xdp_linux.go); nil until used
 }
 
 // New loads the datapath (adopting pinned state), and reconciles it to the
@@ -109,6 +110,10 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Agent, error
 			dp.Close()
 			return nil, fmt.Errorf("register metrics: %w", err)
 		}
+		if err := reg.Register(newXDPCollector(a)); err != nil {
+			dp.Close()
+			return nil, fmt.Errorf("register metrics: %w", err)
+		}
 	}
 	log.Info("datapath loaded", "cgroup", cfg.Datapath.Cgroup, "bpffs", cfg.Datapath.Root, "adopted", dp.Adopted, "layout", datapath.LayoutVersion)
 	// Take the configured state, then rewrite the maps from it: whatever
@@ -120,6 +125,7 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Agent, error
 	}
 	a.mu.Unlock()
 	if err != nil {
+		a.closeXDP()
 		dp.Close()
 		return nil, fmt.Errorf("initial reconcile: %w", err)
 	}
@@ -128,7 +134,10 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Agent, error
 
 // Close releases the agent's handles; the datapath stays attached and keeps
 // translating with the last written state.
-func (a *Agent) Close() error { return a.dp.Close() }
+func (a *Agent) Close() error {
+	a.closeXDP()
+	return a.dp.Close()
+}
 
 // Datapath exposes the loaded datapath (status, tests).
 func (a *Agent) Datapath() *datapath.Datapath { return a.dp }

@@ -35,6 +35,7 @@ func (s *servers) close() {
 //	GET    /v1/services          POST /v1/services (ServiceConfig)   DELETE /v1/services?name=N
 //	GET    /v1/pods              POST /v1/pods (mesh.Pod)            DELETE /v1/pods?name=N
 //	GET    /v1/xds               (xds.Status; 404 when the xDS server is not running)
+//	GET    /v1/xdp               north-south load balancer status
 //	GET    /healthz, /metrics
 func (a *Agent) Handler(reg *prometheus.Registry) http.Handler {
 	mux := http.NewServeMux()
@@ -82,6 +83,7 @@ func (a *Agent) Handler(reg *prometheus.Registry) http.Handler {
 		}
 		io.WriteString(w, "ok\n")
 	})
+	a.xdpRoutes(mux) // GET /v1/xdp (xdp_linux.go)
 	if reg != nil {
 		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	}

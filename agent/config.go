@@ -10,6 +10,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/shuntmesh/shunt/agent/datapath"
+	"github.com/shuntmesh/shunt/agent/xdp"
 	"github.com/shuntmesh/shunt/mesh"
 )
 
@@ -34,6 +35,9 @@ type Config struct {
 	StateFile string `json:"stateFile,omitempty"`
 	// XDS is the xDS server for the node's sidecars.
 	XDS XDSConfig `json:"xds"`
+	// XDP is the north-south load balancer (XDP Maglev + DSR), off unless
+	// devices are listed.
+	XDP xdp.Config `json:"xdp,omitzero"`
 	// Services and Pods are the standalone desired state.
 	Services []ServiceConfig `json:"services,omitempty"`
 	Pods     []mesh.Pod      `json:"pods,omitempty"`
@@ -54,6 +58,7 @@ type ServiceConfig struct {
 	Protocol  string          `json:"protocol,omitempty"`
 	Algorithm string          `json:"algorithm,omitempty"`
 	Mode      string          `json:"mode,omitempty"`
+	Dispatch  string          `json:"dispatch,omitempty"`
 	Backends  []BackendConfig `json:"backends"`
 }
 
@@ -63,6 +68,9 @@ type BackendConfig struct {
 	Weight *uint32 `json:"weight,omitempty"`
 	State  string  `json:"state,omitempty"`
 	Name   string  `json:"name,omitempty"`
+	// Tunnel is the XDP load balancer's encapsulation target for this
+	// backend (default: its own address).
+	Tunnel string `json:"tunnel,omitempty"`
 }
 
 // Defaults.
@@ -123,6 +131,9 @@ func (c Config) Validate() error {
 	if err := c.XDS.Validate(); err != nil {
 		return err
 	}
+	if err := c.XDP.Validate(); err != nil {
+		return err
+	}
 	_, err := c.State()
 	return err
 }
@@ -145,7 +156,8 @@ func (c Config) State() (*mesh.State, error) {
 
 // Service converts and validates one service; prefix names it in errors.
 func (sc ServiceConfig) Service(prefix string) (mesh.Service, error) {
-	s := mesh.Service{Name: sc.Name, Algorithm: mesh.Algorithm(strings.ToLower(sc.Algorithm)), Mode: mesh.ForwardingMode(strings.ToLower(sc.Mode))}
+	s := mesh.Service{Name: sc.Name, Algorithm: mesh.Algorithm(strings.ToLower(sc.Algorithm)), Mode: mesh.ForwardingMode(strings.ToLower(sc.Mode)),
+		Dispatch: mesh.Dispatch(strings.ToLower(sc.Dispatch))}
 	fe, err := netip.ParseAddrPort(sc.Frontend)
 	if err != nil {
 		return s, &mesh.FieldError{Field: prefix + ".frontend", Msg: fmt.Sprintf("%q is not ADDR:PORT (IPv6 as [ADDR]:PORT)", sc.Frontend)}
@@ -165,6 +177,11 @@ func (sc ServiceConfig) Service(prefix string) (mesh.Service, error) {
 		if bc.Weight != nil {
 			b.Weight = *bc.Weight
 		}
+		if bc.Tunnel != "" {
+			if b.Tunnel, err = netip.ParseAddr(bc.Tunnel); err != nil {
+				return s, &mesh.FieldError{Field: bp + ".tunnel", Msg: fmt.Sprintf("%q is not an IP address", bc.Tunnel)}
+			}
+		}
 		s.Backends = append(s.Backends, b)
 	}
 	if err := s.Validate(prefix); err != nil {
@@ -175,10 +192,14 @@ func (sc ServiceConfig) Service(prefix string) (mesh.Service, error) {
 
 // ServiceConfigOf converts a model service back to its config form.
 func ServiceConfigOf(s mesh.Service) ServiceConfig {
-	sc := ServiceConfig{Name: s.Name, Frontend: s.Frontend.Addr.String(), Protocol: string(s.Frontend.Proto), Algorithm: string(s.Algorithm), Mode: string(s.Mode)}
+	sc := ServiceConfig{Name: s.Name, Frontend: s.Frontend.Addr.String(), Protocol: string(s.Frontend.Proto), Algorithm: string(s.Algorithm), Mode: string(s.Mode), Dispatch: string(s.Dispatch)}
 	for _, b := range s.Backends {
 		w := b.Weight
-		sc.Backends = append(sc.Backends, BackendConfig{Addr: b.Addr.String(), Weight: &w, State: string(b.State), Name: b.Name})
+		bc := BackendConfig{Addr: b.Addr.String(), Weight: &w, State: string(b.State), Name: b.Name}
+		if b.Tunnel.IsValid() {
+			bc.Tunnel = b.Tunnel.String()
+		}
+		sc.Backends = append(sc.Backends, bc)
 	}
 	return sc
 }

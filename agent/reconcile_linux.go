@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"errors"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -234,15 +235,26 @@ func (a *Agent) Apply(src string, d Delta) error {
 func (a *Agent) applyLocked(src string, d Delta) error {
 	changed, err := a.applyDelta(src, d)
 	a.metrics.reconcile(err)
-	if err != nil {
+	var partial *partialError
+	if err != nil && !errors.As(err, &partial) {
 		a.log.Warn("change refused", "source", src, "err", err)
 		return err
 	}
 	if !changed.Empty() {
 		a.notify(changed)
 	}
-	return nil
+	if err != nil {
+		a.log.Warn("change applied to the socket datapath, not (yet) to the XDP load balancer", "source", src, "err", err)
+	}
+	return err
 }
+
+// partialError: the change is in the desired state and the socket datapath,
+// but a later stage (the XDP load balancer) failed; resync retries it.
+type partialError struct{ err error }
+
+func (e *partialError) Error() string { return "applied partially: " + e.err.Error() }
+func (e *partialError) Unwrap() error { return e.err }
 
 func (a *Agent) applyDelta(src string, in Delta) (Delta, error) {
 	ds := a.state
@@ -456,6 +468,14 @@ func (a *Agent) applyDelta(src string, in Delta) (Delta, error) {
 		}
 		ds.podIDs[pe.id] = true
 	}
+	// The north-south load balancer takes the services with algorithm
+	// maglev (agent/xdp_linux.go). The socket datapath has the change
+	// already; a failure here is returned and retried by the next resync.
+	if len(d.Services)+len(d.DeleteServices) > 0 && a.cfg.XDP.Enabled() {
+		if err := a.syncXDP(ds.state()); err != nil {
+			return d, &partialError{err}
+		}
+	}
 	if res.Added+res.Updated+res.Deleted > 0 || len(upPods)+len(rmCookies) > 0 {
 		a.log.Debug("reconciled", "source", src, "added", res.Added, "updated", res.Updated, "deleted", res.Deleted,
 			"podsWritten", len(upPods), "podsDeleted", len(rmCookies))
@@ -518,6 +538,9 @@ func (a *Agent) resyncLocked() error {
 	}
 	if err == nil {
 		err = a.dp.SetConfig(a.hostCookie, a.cfg.SocketLB.HostNamespaceOnly, a.sockmapSafe())
+	}
+	if err == nil {
+		err = a.syncXDP(ds.state())
 	}
 	a.metrics.reconcile(err)
 	if err != nil {

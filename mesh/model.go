@@ -52,6 +52,24 @@ const (
 	Hybrid ForwardingMode = "hybrid" // TCP via DSR, UDP via SNAT
 )
 
+// Dispatch selects how the north-south XDP load balancer carries a DSR
+// packet to its backend; the backend side (dsr) undoes it.
+type Dispatch string
+
+const (
+	// IPIP encapsulates (IPIP, IP6IP6, 4in6, 6in4 by the families of the
+	// service and of the backend's tunnel address); the inner packet is
+	// unchanged. The default.
+	IPIP Dispatch = "ipip"
+	// Geneve encapsulates in Geneve (UDP 6081) with the service VIP:port in
+	// a Geneve option; the inner packet is addressed to the backend.
+	Geneve Dispatch = "geneve"
+	// IPOption addresses the packet to the backend and carries the service
+	// VIP:port in an IPv4 option (IPv6: a destination option). Some routers
+	// drop packets with options.
+	IPOption Dispatch = "opt"
+)
+
 // BackendState is the lifecycle state of an endpoint.
 type BackendState string
 
@@ -77,6 +95,10 @@ type Backend struct {
 	State  BackendState `json:"state,omitempty"`
 	// Name optionally identifies the backend (pod name, node name).
 	Name string `json:"name,omitempty"`
+	// Tunnel is where the XDP load balancer sends encapsulated (IPIP,
+	// Geneve) packets for this backend, usually its node's address; it may
+	// be of the other family (4in6). Zero: the backend's own address.
+	Tunnel netip.Addr `json:"tunnel,omitzero"`
 }
 
 // Frontend is what clients connect to: VIP, port and protocol.
@@ -97,6 +119,8 @@ type Service struct {
 	Backends  []Backend      `json:"backends"`
 	Algorithm Algorithm      `json:"algorithm,omitempty"`
 	Mode      ForwardingMode `json:"mode,omitempty"`
+	// Dispatch applies to DSR (and hybrid TCP) on the XDP path.
+	Dispatch Dispatch `json:"dispatch,omitempty"`
 }
 
 // HostNSOnly is a tri-state per-pod override of the global hostNamespaceOnly.
@@ -339,6 +363,11 @@ func (s *Service) Validate(prefix string) error {
 	default:
 		return fieldErr(prefix+".mode", "unknown forwarding mode %q (want snat, dsr or hybrid)", s.Mode)
 	}
+	switch s.Dispatch {
+	case "", IPIP, Geneve, IPOption:
+	default:
+		return fieldErr(prefix+".dispatch", "unknown dispatch %q (want ipip, geneve or opt)", s.Dispatch)
+	}
 	if len(s.Backends) > MaxBackendsPerService {
 		return fieldErr(prefix+".backends", "%d backends, at most %d allowed", len(s.Backends), MaxBackendsPerService)
 	}
@@ -362,6 +391,9 @@ func (s *Service) Validate(prefix string) error {
 		seen[b.Addr] = true
 		if b.Weight > MaxWeight {
 			return fieldErr(bp.String()+".weight", "%d is above the maximum %d", b.Weight, MaxWeight)
+		}
+		if b.Tunnel.IsValid() && (b.Tunnel.IsUnspecified() || b.Tunnel.Zone() != "" || b.Tunnel.Is4In6()) {
+			return fieldErr(bp.String()+".tunnel", "invalid tunnel address %q", b.Tunnel)
 		}
 		switch b.State {
 		case "", Active, Terminating:

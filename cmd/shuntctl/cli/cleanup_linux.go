@@ -5,6 +5,7 @@ import (
 	"io"
 
 	"github.com/shuntmesh/shunt/agent/datapath"
+	"github.com/shuntmesh/shunt/agent/xdp"
 )
 
 func cleanup(args []string, w io.Writer) error {
@@ -12,6 +13,9 @@ func cleanup(args []string, w io.Writer) error {
 	root := fs.String("bpffs-root", datapath.DefaultRoot, "")
 	if err := fs.Parse(args); err != nil {
 		return fmt.Errorf("cleanup: %w", err)
+	}
+	if err := xdp.Cleanup(*root); err != nil {
+		return err
 	}
 	if err := datapath.Cleanup(*root); err != nil {
 		return err

@@ -24,6 +24,8 @@ commands:
   service list [--json]
   service update --frontend VIP:PORT --backends A:P[,B:P...] [--name N]
                  [--protocol tcp|udp] [--weights W[,W...]] [--states active|terminating[,...]]
+                 [--algorithm random|maglev] [--mode snat|dsr|hybrid] [--dispatch ipip|geneve|opt]
+                 [--tunnels ADDR[,ADDR...]]   (maglev: balanced by the XDP load balancer too)
   service delete --name N | --frontend VIP:PORT [--protocol tcp|udp]
   pod list [--json]
   pod update --name N --netns PATH [--socket-lb inherit|bypass|translate] [--sockmap auto|on|off]
@@ -32,6 +34,11 @@ commands:
               [--include-outbound-cidrs C,..] [--exclude-inbound-ports P,..]] [--ips A,..]
   pod delete --name N
   xds status [--json]                  xDS server: connected nodes, per type sent/accepted version, pending, last NACK
+  lb which [--bpffs-root DIR] [--device DEV] tcp|udp SRC:PORT VIP:PORT
+                                       which backend the loaded XDP program sends a flow to (BPF_PROG_TEST_RUN)
+  lb status [--json]                   XDP load balancer: links, Maglev table fingerprints, counters
+  maglev table --seed BASE64 [--size M] --backends A:P[*W],...
+                                       build a Maglev table locally and print its fingerprint
   cleanup [--bpffs-root DIR]           detach every program and remove all pins (stop shuntd first)
   demo [--connections N]               standalone demo: pods, shuntd, a service, traffic, counters, cleanup
   bench connect|update [FLAGS]         benchmarks (root; see shuntctl bench help)
@@ -83,6 +90,10 @@ func Run(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("pod %s: unknown subcommand", rest[1])
 	case "xds":
 		return xdsCmd(c, rest[1:], stdout)
+	case "lb":
+		return lbCmd(c, rest[1:], stdout)
+	case "maglev":
+		return maglevCmd(rest[1:], stdout)
 	case "cleanup":
 		return cleanup(rest[1:], stdout)
 	case "demo":
@@ -235,17 +246,22 @@ func serviceUpdate(c *agent.Client, args []string, w io.Writer) error {
 	states := fs.String("states", "", "")
 	algo := fs.String("algorithm", "", "")
 	mode := fs.String("mode", "", "")
+	dispatch := fs.String("dispatch", "", "")
+	tunnels := fs.String("tunnels", "", "")
 	if err := fs.Parse(args); err != nil {
 		return fmt.Errorf("service update: %w", err)
 	}
 	if *front == "" {
 		return errors.New("service update: --frontend is required")
 	}
-	sc := agent.ServiceConfig{Name: *name, Frontend: *front, Protocol: *proto, Algorithm: *algo, Mode: *mode}
+	sc := agent.ServiceConfig{Name: *name, Frontend: *front, Protocol: *proto, Algorithm: *algo, Mode: *mode, Dispatch: *dispatch}
 	if sc.Name == "" {
 		sc.Name = defaultName(*front, *proto)
 	}
-	bl, wl, sl := splitList(*backends), splitList(*weights), splitList(*states)
+	bl, wl, sl, tl := splitList(*backends), splitList(*weights), splitList(*states), splitList(*tunnels)
+	if len(tl) > 0 && len(tl) != len(bl) {
+		return fmt.Errorf("service update: --tunnels has %d values for %d backends", len(tl), len(bl))
+	}
 	if len(wl) > 0 && len(wl) != len(bl) {
 		return fmt.Errorf("service update: --weights has %d values for %d backends", len(wl), len(bl))
 	}
@@ -264,6 +280,9 @@ func serviceUpdate(c *agent.Client, args []string, w io.Writer) error {
 		}
 		if len(sl) > 0 {
 			bc.State = sl[i]
+		}
+		if len(tl) > 0 {
+			bc.Tunnel = tl[i]
 		}
 		sc.Backends = append(sc.Backends, bc)
 	}

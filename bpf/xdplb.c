@@ -1,0 +1,1111 @@
+//go:build ignore
+
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* xdplb: Shunt's north-south L4 load balancer, an XDP program on the node's
+ * NICs.
+ *
+ * A packet to a service frontend (VIP, port, protocol) is sent on to one of
+ * the service's backends and bounced out of the interface it came in on
+ * (XDP_TX, MAC addresses swapped: back to the router that sent it):
+ *
+ *   - The backend is chosen by Maglev consistent hashing: slot
+ *     flow_hash(5-tuple, seed) % M of the service's lookup table, the same
+ *     hash and tables as mesh/maglev. An LRU conntrack entry (the backend
+ *     copied in) keeps an established flow on its backend whatever happens
+ *     to the service's backend set afterwards.
+ *   - DSR (the backend answers the client directly): IPIP / IP6IP6 / 4in6 /
+ *     6in4 with the inner packet unchanged; Geneve (UDP 6081) with the
+ *     inner packet DNATed to the backend and the service in a Geneve
+ *     option; or DNAT with the service in an IPv4 option (IPv6: a
+ *     destination option). The backend side (dsr.c) undoes each.
+ *   - SNAT: source rewritten to the node address and a port, destination to
+ *     the backend; the backend's replies come back here and are rewritten to
+ *     VIP -> client (lb_snat). Hybrid: TCP as DSR, UDP as SNAT.
+ *   - An ICMP "fragmentation needed" / ICMPv6 "packet too big" about a VIP
+ *     flow goes to that flow's backend (hashing the embedded tuple reversed),
+ *     IPIP-encapsulated.
+ *
+ * Everything else goes to the kernel (XDP_PASS) untouched: non-IP (ARP),
+ * fragments, IPv4 options / IPv6 extension headers, TTL <= 1, malformed or
+ * truncated headers, a bad IPv4 header checksum, and packets for no
+ * frontend. Every packet counts exactly one verdict in lb_stats.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/icmpv6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "lib/xdplb.h"
+#include "lib/flowhash.h"
+#include "lib/csum.h"
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+#define ETH_P_8021Q_ 0x8100
+#define ETH_P_8021AD_ 0x88A8
+#define IP_MF_ 0x2000
+#define IP_OFFSET_ 0x1fff
+#define IP_DF_ 0x4000
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+#define IPPROTO_DSTOPTS_ 60
+#define SNAT_PROBES 16
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct xlb_vip);
+	__type(value, struct xlb_service);
+	__uint(max_entries, 16384);
+} lb_services SEC(".maps");
+
+/* One Maglev table per service: slot -> backend id. Inner maps of any
+ * preset size may coexist (BPF_F_INNER_MAP); a new table is built in a new
+ * map and swapped in with one update of lb_tables, so a packet sees either
+ * the old or the new table, never a half-written one. */
+struct maglev_table {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 16381);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__array(values, struct maglev_table);
+} lb_tables SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct xlb_backend);
+	__uint(max_entries, 65536);
+} lb_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct xlb_flow);
+	__type(value, struct xlb_ct);
+	__uint(max_entries, 262144);
+} lb_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct xlb_snat_key);
+	__type(value, struct xlb_snat);
+	__uint(max_entries, 262144);
+} lb_snat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct xlb_config);
+	__uint(max_entries, 1);
+} lb_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct xlb_meta);
+	__uint(max_entries, 1);
+} lb_meta SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct xlb_svc_stats);
+	__uint(max_entries, 16384);
+} lb_svc_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct xlb_backend_stats);
+	__uint(max_entries, 65536);
+} lb_be_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, XLB_STAT_MAX);
+} lb_stats SEC(".maps");
+
+/* Force BTF for the types Go needs that no map names. */
+const enum xlb_stat __unused_xlb_stat __attribute__((unused));
+const enum xlb_mode __unused_xlb_mode __attribute__((unused));
+const enum xlb_dispatch __unused_xlb_dispatch __attribute__((unused));
+const enum xlb_action __unused_xlb_action __attribute__((unused));
+const enum xlb_layout __unused_xlb_layout __attribute__((unused));
+const enum xlb_family __unused_xlb_family __attribute__((unused));
+const enum xlb_wire __unused_xlb_wire __attribute__((unused));
+
+/* linux/icmp.h pulls in libc headers: the few ICMP definitions used here. */
+#define ICMP_DEST_UNREACH_ 3
+#define ICMP_FRAG_NEEDED_ 4
+struct icmphdr_ {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	__be32 rest;
+};
+
+struct vlanhdr {
+	__be16 tci;
+	__be16 proto;
+};
+
+struct geneve_opt_hdr {
+	__be16 opt_class;
+	__u8 type;
+	__u8 length; /* low 5 bits: data length in 4-byte words */
+};
+
+struct genevehdr_ {
+	__u8 ver_optlen; /* version (2 bits) | options length in 4-byte words (6 bits) */
+	__u8 flags;      /* O (0x80) | C (0x40): critical options present */
+	__be16 proto;
+	__u8 vni[3];
+	__u8 rsvd;
+};
+
+/* pkt is what parsing learnt about a packet. */
+struct pkt {
+	struct xlb_flow flow; /* client -> VIP, as the conntrack key */
+	__u32 ports;          /* raw first 4 bytes of L4 (flow hash word 8) */
+	__u32 ip_len;         /* IP datagram length: header + payload */
+	__u32 frame_len;      /* bytes as received, for counters */
+	__u8 vlan;            /* one 802.1Q / 802.1ad tag */
+	__u8 tcp_flags;
+	__u8 tos;             /* IPv4 TOS / IPv6 traffic class */
+	__u8 pad;
+};
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&lb_stats, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline int verdict(__u32 stat, int action)
+{
+	stat_inc(stat);
+	return action;
+}
+
+static __always_inline void svc_count(__u32 id, __u32 bytes, int new_flow)
+{
+	struct xlb_svc_stats *s = bpf_map_lookup_elem(&lb_svc_stats, &id);
+
+	if (!s)
+		return;
+	s->packets++;
+	s->bytes += bytes;
+	if (new_flow)
+		s->flows++;
+}
+
+static __always_inline void be_count(__u32 id, __u32 bytes, int new_flow)
+{
+	struct xlb_backend_stats *s = bpf_map_lookup_elem(&lb_be_stats, &id);
+
+	if (!s)
+		return;
+	s->packets++;
+	s->bytes += bytes;
+	if (new_flow)
+		s->flows++;
+}
+
+static __always_inline __u32 l2_len(const struct pkt *p)
+{
+	return p->vlan ? sizeof(struct ethhdr) + sizeof(struct vlanhdr) : sizeof(struct ethhdr);
+}
+
+static __always_inline void swap_macs(struct ethhdr *eth)
+{
+	__u8 tmp[ETH_ALEN];
+
+	__builtin_memcpy(tmp, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, tmp, ETH_ALEN);
+}
+
+/* tx bounces the (rewritten) frame back to where it came from. */
+static __always_inline int tx(struct xdp_md *ctx, __u32 stat)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > end)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	swap_macs(eth);
+	return verdict(stat, XDP_TX);
+}
+
+/* ---- rewriting addresses in place (DNAT, SNAT, reverse SNAT) ---- */
+
+/* rewrite sets the destination (and, with src != 0, the source) address
+ * and port of the packet, updating the IPv4 header and TCP/UDP checksums
+ * incrementally. Addresses are 4 words, ports network order. */
+static __always_inline int rewrite(struct xdp_md *ctx, const struct pkt *p, const __u32 *saddr, __u16 sport,
+				   const __u32 *daddr, __u16 dport, int src)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u32 diff = 0;
+	__u16 *ports, *check;
+	void *l4;
+
+	if (p->flow.family == XLB_AF_INET) {
+		struct iphdr *ip = data + l2_len(p);
+
+		if ((void *)(ip + 1) > end)
+			return -1;
+		if (src) {
+			diff = csum_diff4(diff, ip->saddr, saddr[0]);
+			ip->saddr = saddr[0];
+		}
+		diff = csum_diff4(diff, ip->daddr, daddr[0]);
+		ip->daddr = daddr[0];
+		ip->check = csum_apply(ip->check, diff);
+		l4 = ip + 1;
+	} else {
+		struct ipv6hdr *ip6 = data + l2_len(p);
+		__u32 *a;
+
+		if ((void *)(ip6 + 1) > end)
+			return -1;
+		if (src) {
+			a = ip6->saddr.in6_u.u6_addr32;
+#pragma unroll
+			for (int i = 0; i < 4; i++) {
+				diff = csum_diff4(diff, a[i], saddr[i]);
+				a[i] = saddr[i];
+			}
+		}
+		a = ip6->daddr.in6_u.u6_addr32;
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			diff = csum_diff4(diff, a[i], daddr[i]);
+			a[i] = daddr[i];
+		}
+		l4 = ip6 + 1;
+	}
+	ports = l4;
+	if ((void *)(ports + 2) > end)
+		return -1;
+	if (src) {
+		diff = csum_diff2(diff, ports[0], sport);
+		ports[0] = sport;
+	}
+	diff = csum_diff2(diff, ports[1], dport);
+	ports[1] = dport;
+	if (p->flow.proto == IPPROTO_TCP) {
+		check = l4 + offsetof(struct tcphdr, check);
+		if ((void *)(check + 1) > end)
+			return -1;
+		*check = csum_apply(*check, diff);
+	} else {
+		check = l4 + offsetof(struct udphdr, check);
+		if ((void *)(check + 1) > end)
+			return -1;
+		/* IPv4 UDP without checksum stays without; a computed 0 is
+		 * sent as 0xffff (RFC 768). */
+		if (*check || p->flow.family == XLB_AF_INET6) {
+			__u16 c = csum_apply(*check, diff);
+			*check = c ? c : 0xffff;
+		}
+	}
+	return 0;
+}
+
+/* ---- encapsulation ---- */
+
+/* push grows the packet by len bytes right after the L2 header: the
+ * Ethernet header (and VLAN tag) move to the new front, with the MAC
+ * addresses swapped and proto (host order) as the new EtherType. */
+static __always_inline int push(struct xdp_md *ctx, const struct pkt *p, int len, __u16 proto)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr eth, *e;
+	struct vlanhdr vh = {}, *v;
+
+	if (data + sizeof(eth) + sizeof(vh) > end && p->vlan)
+		return -1;
+	if (data + sizeof(eth) > end)
+		return -1;
+	__builtin_memcpy(&eth, data, sizeof(eth));
+	if (p->vlan)
+		__builtin_memcpy(&vh, data + sizeof(eth), sizeof(vh));
+	if (bpf_xdp_adjust_head(ctx, -len))
+		return -1;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	e = data;
+	if ((void *)(e + 1) > end)
+		return -1;
+	__builtin_memcpy(e->h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(e->h_source, eth.h_dest, ETH_ALEN);
+	if (p->vlan) {
+		v = (void *)(e + 1);
+		if ((void *)(v + 1) > end)
+			return -1;
+		e->h_proto = eth.h_proto;
+		v->tci = vh.tci;
+		v->proto = bpf_htons(proto);
+	} else {
+		e->h_proto = bpf_htons(proto);
+	}
+	return 0;
+}
+
+/* outer_ip writes an outer IPv4 or IPv6 header at l3 (checked by the
+ * caller to hold 40 bytes for IPv6, 20 for IPv4). payload is the length
+ * after the outer header. */
+static __always_inline void outer_ip(void *l3, const struct pkt *p, const struct xlb_config *cfg,
+				     const struct xlb_backend *be, __u32 payload, __u8 proto, __u32 hash)
+{
+	if (be->tunnel_family == XLB_AF_INET6) {
+		struct ipv6hdr *o = l3;
+
+		/* version 6, traffic class from the inner packet, flow
+		 * label from the flow hash (entropy for ECMP / RSS) */
+		*(__be32 *)o = bpf_htonl(6 << 28 | (__u32)p->tos << 20 | (hash & 0xfffff));
+		o->payload_len = bpf_htons(payload);
+		o->nexthdr = proto;
+		o->hop_limit = 64;
+		__builtin_memcpy(&o->saddr, cfg->node6, 16);
+		__builtin_memcpy(&o->daddr, be->tunnel, 16);
+	} else {
+		struct iphdr h = {};
+
+		h.version = 4;
+		h.ihl = 5;
+		h.tos = p->tos;
+		h.tot_len = bpf_htons(payload + sizeof(h));
+		h.frag_off = bpf_htons(IP_DF_);
+		h.ttl = 64;
+		h.protocol = proto;
+		h.saddr = cfg->node4;
+		h.daddr = be->tunnel[0];
+		h.check = ip4_csum20((__u16 *)&h);
+		__builtin_memcpy(l3, &h, sizeof(h));
+	}
+}
+
+static __always_inline int have_node_addr(const struct xlb_config *cfg, __u8 family)
+{
+	if (family == XLB_AF_INET6)
+		return (cfg->node6[0] | cfg->node6[1] | cfg->node6[2] | cfg->node6[3]) != 0;
+	return cfg->node4 != 0;
+}
+
+/* encap_ipip: IPIP (4in4), 6in4, IP6IP6 (6in6) or 4in6 by the families of
+ * the tunnel address and of the packet. The inner packet is unchanged. */
+static __always_inline int encap_ipip(struct xdp_md *ctx, const struct pkt *p, const struct xlb_config *cfg,
+				      const struct xlb_backend *be, __u32 hash, __u32 stat)
+{
+	int v6 = be->tunnel_family == XLB_AF_INET6;
+	__u32 olen = v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
+	__u8 inner = p->flow.family == XLB_AF_INET ? IPPROTO_IPIP : IPPROTO_IPV6;
+	void *data, *end, *l3;
+
+	if (!have_node_addr(cfg, be->tunnel_family))
+		return verdict(XLB_DROP_NO_NODE_ADDR, XDP_DROP);
+	if (push(ctx, p, olen, v6 ? ETH_P_IPV6 : ETH_P_IP))
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	l3 = data + l2_len(p);
+	if (l3 + sizeof(struct ipv6hdr) > end)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	outer_ip(l3, p, cfg, be, p->ip_len, inner, hash);
+	return verdict(stat, XDP_TX);
+}
+
+/* encap_geneve: outer IP / UDP 6081 / Geneve with one option holding the
+ * service VIP and port, protocol type IPv4 or IPv6 (no inner Ethernet).
+ * The inner packet must already be DNATed to the backend. */
+static __always_inline int encap_geneve(struct xdp_md *ctx, const struct pkt *p, const struct xlb_config *cfg,
+					const struct xlb_backend *be, __u32 hash)
+{
+	int v6 = be->tunnel_family == XLB_AF_INET6;
+	int svc6 = p->flow.family == XLB_AF_INET6;
+	__u32 iplen = v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
+	__u32 optdata = svc6 ? 20 : 8; /* address, port, 2 bytes padding */
+	__u32 glen = sizeof(struct genevehdr_) + sizeof(struct geneve_opt_hdr) + optdata;
+	__u32 udplen = sizeof(struct udphdr) + glen + p->ip_len;
+	struct genevehdr_ *g;
+	struct geneve_opt_hdr *o;
+	struct udphdr *u;
+	void *data, *end, *l3;
+	__u32 *od;
+
+	if (!have_node_addr(cfg, be->tunnel_family))
+		return verdict(XLB_DROP_NO_NODE_ADDR, XDP_DROP);
+	if (push(ctx, p, iplen + sizeof(struct udphdr) + glen, v6 ? ETH_P_IPV6 : ETH_P_IP))
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	l3 = data + l2_len(p);
+	if (l3 + sizeof(struct ipv6hdr) > end)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	outer_ip(l3, p, cfg, be, udplen, IPPROTO_UDP, hash);
+	u = l3 + iplen;
+	g = (void *)(u + 1);
+	o = (void *)(g + 1);
+	od = (void *)(o + 1);
+	if ((void *)od + 20 > end)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	/* Source port from the flow hash: entropy for ECMP and RSS. The UDP
+	 * checksum is zero (RFC 6935/6936 for tunnels over IPv6). */
+	u->source = bpf_htons(0xc000 | (hash & 0x3fff));
+	u->dest = bpf_htons(XLB_GENEVE_PORT);
+	u->len = bpf_htons(udplen);
+	u->check = 0;
+	g->ver_optlen = (sizeof(struct geneve_opt_hdr) + optdata) / 4;
+	g->flags = 0x40; /* C: a critical option is present */
+	g->proto = bpf_htons(svc6 ? ETH_P_IPV6 : ETH_P_IP);
+	g->vni[0] = g->vni[1] = g->vni[2] = 0;
+	g->rsvd = 0;
+	o->opt_class = bpf_htons(XLB_GENEVE_OPT_CLASS);
+	o->type = XLB_GENEVE_OPT_TYPE;
+	o->length = optdata / 4;
+	if (svc6) {
+		od[0] = p->flow.dst[0];
+		od[1] = p->flow.dst[1];
+		od[2] = p->flow.dst[2];
+		od[3] = p->flow.dst[3];
+		od[4] = (__u32)p->flow.dport; /* port, then 2 bytes of zero padding */
+	} else {
+		od[0] = p->flow.dst[0];
+		od[1] = (__u32)p->flow.dport;
+	}
+	return verdict(XLB_TX_GENEVE, XDP_TX);
+}
+
+/* insert_opt4 inserts the 8-byte service option after the IPv4 header of a
+ * packet already DNATed to the backend. */
+static __always_inline int insert_opt4(struct xdp_md *ctx, const struct pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr eth, *e;
+	struct vlanhdr vh = {}, *v;
+	struct {
+		struct iphdr ip;
+		__u8 type, len;
+		__be16 port;
+		__be32 addr;
+	} h;
+	__u32 l2 = l2_len(p);
+	void *l3;
+
+	if (data + sizeof(eth) + sizeof(vh) + sizeof(struct iphdr) > end && p->vlan)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	if (data + sizeof(eth) + sizeof(struct iphdr) > end)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	__builtin_memcpy(&eth, data, sizeof(eth));
+	if (p->vlan) {
+		__builtin_memcpy(&vh, data + sizeof(eth), sizeof(vh));
+		__builtin_memcpy(&h.ip, data + sizeof(eth) + sizeof(vh), sizeof(h.ip));
+	} else {
+		__builtin_memcpy(&h.ip, data + sizeof(eth), sizeof(h.ip));
+	}
+	h.ip.ihl = 7;
+	h.ip.tot_len = bpf_htons(bpf_ntohs(h.ip.tot_len) + XLB_IPOPT_LEN);
+	h.ip.check = 0;
+	h.type = XLB_IPOPT_TYPE;
+	h.len = XLB_IPOPT_LEN;
+	h.port = p->flow.dport;
+	h.addr = p->flow.dst[0];
+	{
+		__u16 *w = (__u16 *)&h;
+		__u32 s = 0;
+#pragma unroll
+		for (int i = 0; i < 14; i++)
+			s += w[i];
+		h.ip.check = (__u16)~csum_fold(s);
+	}
+	if (bpf_xdp_adjust_head(ctx, -XLB_IPOPT_LEN))
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	e = data;
+	if ((void *)(e + 1) > end)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	__builtin_memcpy(e->h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(e->h_source, eth.h_dest, ETH_ALEN);
+	e->h_proto = eth.h_proto;
+	if (p->vlan) {
+		v = (void *)(e + 1);
+		if ((void *)(v + 1) > end)
+			return verdict(XLB_DROP_ENCAP, XDP_DROP);
+		*v = vh;
+	}
+	l3 = data + l2;
+	if (l3 + sizeof(h) > end)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	__builtin_memcpy(l3, &h, sizeof(h));
+	return verdict(XLB_TX_OPT, XDP_TX);
+}
+
+/* insert_opt6 inserts a 24-byte Destination Options header carrying the
+ * service after the IPv6 header of a packet already DNATed to the backend. */
+static __always_inline int insert_opt6(struct xdp_md *ctx, const struct pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr eth, *e;
+	struct vlanhdr vh = {}, *v;
+	struct {
+		struct ipv6hdr ip;
+		__u8 nexthdr, hdrlen;
+		__u8 type, len;
+		__be16 port;
+		__be32 addr[4];
+		__u8 padn, padlen;
+	} __attribute__((packed)) h;
+	__u32 l2 = l2_len(p);
+	void *l3;
+
+	if (data + sizeof(eth) + sizeof(vh) + sizeof(struct ipv6hdr) > end && p->vlan)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	if (data + sizeof(eth) + sizeof(struct ipv6hdr) > end)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	__builtin_memcpy(&eth, data, sizeof(eth));
+	if (p->vlan) {
+		__builtin_memcpy(&vh, data + sizeof(eth), sizeof(vh));
+		__builtin_memcpy(&h.ip, data + sizeof(eth) + sizeof(vh), sizeof(h.ip));
+	} else {
+		__builtin_memcpy(&h.ip, data + sizeof(eth), sizeof(h.ip));
+	}
+	h.nexthdr = h.ip.nexthdr;
+	h.hdrlen = XLB_IP6OPT_HDRLEN / 8 - 1;
+	h.type = XLB_IP6OPT_TYPE;
+	h.len = 18;
+	h.port = p->flow.dport;
+	__builtin_memcpy(h.addr, p->flow.dst, 16);
+	h.padn = 1; /* PadN with 0 bytes of data */
+	h.padlen = 0;
+	h.ip.nexthdr = IPPROTO_DSTOPTS_;
+	h.ip.payload_len = bpf_htons(bpf_ntohs(h.ip.payload_len) + XLB_IP6OPT_HDRLEN);
+	if (bpf_xdp_adjust_head(ctx, -XLB_IP6OPT_HDRLEN))
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	e = data;
+	if ((void *)(e + 1) > end)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	__builtin_memcpy(e->h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(e->h_source, eth.h_dest, ETH_ALEN);
+	e->h_proto = eth.h_proto;
+	if (p->vlan) {
+		v = (void *)(e + 1);
+		if ((void *)(v + 1) > end)
+			return verdict(XLB_DROP_ENCAP, XDP_DROP);
+		*v = vh;
+	}
+	l3 = data + l2;
+	if (l3 + sizeof(h) > end)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	__builtin_memcpy(l3, &h, sizeof(h));
+	return verdict(XLB_TX_OPT, XDP_TX);
+}
+
+/* ---- backend selection ---- */
+
+static __always_inline __u32 hash_of(const struct pkt *p, __u32 seed)
+{
+	return flow_hash(p->flow.src, p->flow.dst, p->ports, p->flow.proto, p->flow.family == XLB_AF_INET, seed);
+}
+
+/* pick fills ct with the backend owning slot hash % M of the service's
+ * Maglev table. */
+static __always_inline int pick(const struct xlb_service *svc, __u32 hash, struct xlb_ct *ct)
+{
+	struct xlb_backend *be;
+	__u32 slot, *id;
+	void *table;
+
+	if (svc->size == 0)
+		return -1;
+	table = bpf_map_lookup_elem(&lb_tables, &svc->id);
+	if (!table)
+		return -1;
+	slot = hash % svc->size;
+	id = bpf_map_lookup_elem(table, &slot);
+	if (!id)
+		return -1;
+	be = bpf_map_lookup_elem(&lb_backends, id);
+	if (!be)
+		return -1;
+	ct->be = *be;
+	ct->be_id = *id;
+	ct->svc_id = svc->id;
+	return 0;
+}
+
+static __always_inline __u8 action_for(const struct xlb_service *svc, __u8 proto)
+{
+	if (svc->mode == XLB_MODE_SNAT || (svc->mode == XLB_MODE_HYBRID && proto == IPPROTO_UDP))
+		return XLB_ACT_SNAT;
+	if (svc->dispatch == XLB_DISPATCH_GENEVE)
+		return XLB_ACT_GENEVE;
+	if (svc->dispatch == XLB_DISPATCH_OPT)
+		return XLB_ACT_OPT;
+	return XLB_ACT_IPIP;
+}
+
+static __always_inline int same_snat(const struct xlb_snat *a, const struct xlb_snat *b)
+{
+	return a->client[0] == b->client[0] && a->client[1] == b->client[1] && a->client[2] == b->client[2] &&
+	       a->client[3] == b->client[3] && a->vip[0] == b->vip[0] && a->vip[1] == b->vip[1] &&
+	       a->vip[2] == b->vip[2] && a->vip[3] == b->vip[3] && a->client_port == b->client_port &&
+	       a->vip_port == b->vip_port;
+}
+
+/* snat_claim makes sure the flow owns a node port towards its backend:
+ * ct->snat_port if set and still ours, otherwise the first free port from a
+ * hash-derived start in the configured range. */
+static __always_inline int snat_claim(const struct pkt *p, struct xlb_ct *ct, const struct xlb_config *cfg, __u32 hash)
+{
+	struct xlb_snat_key k = {};
+	struct xlb_snat v = {};
+	struct xlb_snat *old;
+	__u32 lo = cfg->snat_lo, hi = cfg->snat_hi, port;
+
+	if (lo == 0 || hi < lo)
+		return -1;
+	__builtin_memcpy(k.backend, ct->be.addr, 16);
+	k.backend_port = ct->be.port;
+	k.proto = p->flow.proto;
+	k.family = p->flow.family;
+	__builtin_memcpy(v.client, p->flow.src, 16);
+	__builtin_memcpy(v.vip, p->flow.dst, 16);
+	v.client_port = p->flow.sport;
+	v.vip_port = p->flow.dport;
+	v.svc_id = ct->svc_id;
+	v.be_id = ct->be_id;
+	if (ct->snat_port) {
+		k.node_port = ct->snat_port;
+		old = bpf_map_lookup_elem(&lb_snat, &k);
+		if (old && same_snat(old, &v))
+			return 0;
+		if (!old && !bpf_map_update_elem(&lb_snat, &k, &v, BPF_NOEXIST))
+			return 0;
+	}
+	port = lo + (hash >> 8) % (hi - lo + 1);
+	for (int i = 0; i < SNAT_PROBES; i++) {
+		k.node_port = bpf_htons(port);
+		if (!bpf_map_update_elem(&lb_snat, &k, &v, BPF_NOEXIST)) {
+			ct->snat_port = k.node_port;
+			return 0;
+		}
+		old = bpf_map_lookup_elem(&lb_snat, &k);
+		if (old && same_snat(old, &v)) {
+			ct->snat_port = k.node_port;
+			return 0;
+		}
+		port = port >= hi ? lo : port + 1;
+	}
+	return -1;
+}
+
+static __always_inline int snat_forward(struct xdp_md *ctx, const struct pkt *p, const struct xlb_config *cfg,
+					const struct xlb_ct *ct)
+{
+	__u32 node[4] = {};
+
+	if (p->flow.family == XLB_AF_INET6)
+		__builtin_memcpy(node, cfg->node6, 16);
+	else
+		node[0] = cfg->node4;
+	if (rewrite(ctx, p, node, ct->snat_port, ct->be.addr, ct->be.port, 1))
+		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+	return tx(ctx, XLB_TX_SNAT);
+}
+
+/* forward sends a client -> VIP packet of service svc to its backend. */
+static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, const struct xlb_service *svc)
+{
+	__u32 zero = 0, hash;
+	struct xlb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
+	struct xlb_ct *hit, ct = {};
+	int syn = 0, rst = 0, fresh = 0;
+
+	if (!cfg)
+		return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
+	if (p->flow.proto == IPPROTO_TCP) {
+		syn = (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+		rst = p->tcp_flags & TCP_FLAG_RST;
+	}
+	hash = hash_of(p, cfg->seed);
+	hit = syn ? 0 : bpf_map_lookup_elem(&lb_ct, &p->flow);
+	if (hit) {
+		ct = *hit;
+		stat_inc(XLB_EV_CT_HIT);
+	} else {
+		if (pick(svc, hash, &ct)) {
+			struct xlb_svc_stats *s = bpf_map_lookup_elem(&lb_svc_stats, &svc->id);
+
+			if (s)
+				s->no_backend++;
+			return verdict(XLB_DROP_NO_BACKEND, XDP_DROP);
+		}
+		ct.action = action_for(svc, p->flow.proto);
+		fresh = 1;
+		stat_inc(XLB_EV_CT_NEW);
+		if (p->flow.proto == IPPROTO_TCP && !syn)
+			stat_inc(XLB_EV_CT_MIDFLOW);
+	}
+	if (ct.action == XLB_ACT_SNAT) {
+		if (!have_node_addr(cfg, p->flow.family))
+			return verdict(XLB_DROP_NO_NODE_ADDR, XDP_DROP);
+		if (snat_claim(p, &ct, cfg, hash))
+			return verdict(XLB_DROP_NO_SNAT_PORT, XDP_DROP);
+		if (hit && hit->snat_port != ct.snat_port)
+			hit->snat_port = ct.snat_port;
+	}
+	if (rst) {
+		if (hit) {
+			bpf_map_delete_elem(&lb_ct, &p->flow);
+			stat_inc(XLB_EV_CT_RST);
+		}
+	} else if (fresh) {
+		bpf_map_update_elem(&lb_ct, &p->flow, &ct, BPF_ANY);
+	}
+	svc_count(ct.svc_id, p->frame_len, fresh);
+	be_count(ct.be_id, p->frame_len, fresh);
+
+	switch (ct.action) {
+	case XLB_ACT_SNAT:
+		return snat_forward(ctx, p, cfg, &ct);
+	case XLB_ACT_GENEVE:
+		if (rewrite(ctx, p, 0, 0, ct.be.addr, ct.be.port, 0))
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		return encap_geneve(ctx, p, cfg, &ct.be, hash);
+	case XLB_ACT_OPT:
+		if (rewrite(ctx, p, 0, 0, ct.be.addr, ct.be.port, 0))
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		if (p->flow.family == XLB_AF_INET6)
+			return insert_opt6(ctx, p);
+		return insert_opt4(ctx, p);
+	default:
+		return encap_ipip(ctx, p, cfg, &ct.be, hash, XLB_TX_IPIP);
+	}
+}
+
+/* snat_reply handles a packet for no frontend: if it is a backend's reply
+ * to a SNATed flow, it is rewritten to VIP -> client and bounced. */
+static __always_inline int snat_reply(struct xdp_md *ctx, struct pkt *p)
+{
+	__u32 zero = 0;
+	struct xlb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
+	struct xlb_snat_key k = {};
+	struct xlb_snat *s;
+
+	if (!cfg)
+		return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
+	if (p->flow.family == XLB_AF_INET) {
+		if (!cfg->node4 || p->flow.dst[0] != cfg->node4)
+			return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
+	} else if (!have_node_addr(cfg, XLB_AF_INET6) || p->flow.dst[0] != cfg->node6[0] ||
+		   p->flow.dst[1] != cfg->node6[1] || p->flow.dst[2] != cfg->node6[2] ||
+		   p->flow.dst[3] != cfg->node6[3]) {
+		return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
+	}
+	__builtin_memcpy(k.backend, p->flow.src, 16);
+	k.backend_port = p->flow.sport;
+	k.node_port = p->flow.dport;
+	k.proto = p->flow.proto;
+	k.family = p->flow.family;
+	s = bpf_map_lookup_elem(&lb_snat, &k);
+	if (!s)
+		return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
+	svc_count(s->svc_id, p->frame_len, 0);
+	be_count(s->be_id, p->frame_len, 0);
+	if (rewrite(ctx, p, s->vip, s->vip_port, s->client, s->client_port, 1))
+		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+	return tx(ctx, XLB_TX_SNAT_REPLY);
+}
+
+/* ip4_header_ok verifies the IPv4 header checksum of a VIP packet. */
+static __always_inline int ip4_header_ok(struct xdp_md *ctx, const struct pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct iphdr *ip = data + l2_len(p);
+
+	if ((void *)(ip + 1) > end)
+		return 0;
+	return ip4_csum20((__u16 *)ip) == 0;
+}
+
+/* lb_l4 is the common path once the 5-tuple is known. */
+static __always_inline int lb_l4(struct xdp_md *ctx, struct pkt *p, __u8 ttl)
+{
+	struct xlb_vip key = {};
+	struct xlb_service *svc;
+
+	__builtin_memcpy(key.addr, p->flow.dst, 16);
+	key.port = p->flow.dport;
+	key.proto = p->flow.proto;
+	key.family = p->flow.family;
+	svc = bpf_map_lookup_elem(&lb_services, &key);
+	if (!svc)
+		return snat_reply(ctx, p);
+	if (ttl <= 1)
+		return verdict(XLB_PASS_TTL, XDP_PASS);
+	if (p->flow.family == XLB_AF_INET && !ip4_header_ok(ctx, p))
+		return verdict(XLB_PASS_BAD_CSUM, XDP_PASS);
+	return forward(ctx, p, svc);
+}
+
+/* icmp_error forwards an ICMP error about a VIP flow to that flow's
+ * backend. The embedded packet is a reply VIP -> client; the flow is its
+ * reverse. e is the embedded header's family; src/dst its addresses. */
+static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const __u32 *esrc, const __u32 *edst,
+				      __u16 esport, __u16 edport, __u8 eproto, __u8 ttl)
+{
+	__u32 zero = 0, hash, ports;
+	struct xlb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
+	struct xlb_vip key = {};
+	struct xlb_service *svc;
+	struct xlb_flow flow = {};
+	struct xlb_ct *hit, ct = {};
+
+	__builtin_memcpy(key.addr, esrc, 16);
+	key.port = esport;
+	key.proto = eproto;
+	key.family = p->flow.family;
+	svc = bpf_map_lookup_elem(&lb_services, &key);
+	if (!svc || !cfg)
+		return verdict(XLB_PASS_ICMP, XDP_PASS);
+	if (ttl <= 1)
+		return verdict(XLB_PASS_TTL, XDP_PASS);
+	__builtin_memcpy(flow.src, edst, 16);
+	__builtin_memcpy(flow.dst, esrc, 16);
+	flow.sport = edport;
+	flow.dport = esport;
+	flow.proto = eproto;
+	flow.family = p->flow.family;
+	ports = (__u32)edport | (__u32)esport << 16;
+	hash = flow_hash(flow.src, flow.dst, ports, eproto, flow.family == XLB_AF_INET, cfg->seed);
+	hit = bpf_map_lookup_elem(&lb_ct, &flow);
+	if (hit) {
+		ct = *hit;
+	} else {
+		if (pick(svc, hash, &ct))
+			return verdict(XLB_PASS_ICMP, XDP_PASS);
+		ct.action = action_for(svc, eproto);
+	}
+	if (ct.action == XLB_ACT_SNAT)
+		return verdict(XLB_PASS_ICMP, XDP_PASS);
+	svc_count(ct.svc_id, p->frame_len, 0);
+	be_count(ct.be_id, p->frame_len, 0);
+	return encap_ipip(ctx, p, cfg, &ct.be, hash, XLB_TX_ICMP);
+}
+
+static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct iphdr *ip = data + l2_len(p);
+	__u32 tot;
+
+	if ((void *)(ip + 1) > end)
+		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+	if (ip->version != 4 || ip->ihl < 5)
+		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+	if (ip->ihl != 5)
+		return verdict(XLB_PASS_IP_OPTIONS, XDP_PASS);
+	if (ip->frag_off & bpf_htons(IP_MF_ | IP_OFFSET_))
+		return verdict(XLB_PASS_FRAGMENT, XDP_PASS);
+	tot = bpf_ntohs(ip->tot_len);
+	if (tot < sizeof(*ip) || (void *)ip + tot > end)
+		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+	p->ip_len = tot;
+	p->tos = ip->tos;
+	p->flow.family = XLB_AF_INET;
+	p->flow.proto = ip->protocol;
+	p->flow.src[0] = ip->saddr;
+	p->flow.dst[0] = ip->daddr;
+
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *th = (void *)(ip + 1);
+
+		if ((void *)(th + 1) > end || tot < sizeof(*ip) + sizeof(*th))
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		p->ports = *(__u32 *)th;
+		p->flow.sport = th->source;
+		p->flow.dport = th->dest;
+		p->tcp_flags = ((__u8 *)th)[13];
+		return lb_l4(ctx, p, ip->ttl);
+	}
+	if (ip->protocol == IPPROTO_UDP) {
+		struct udphdr *uh = (void *)(ip + 1);
+
+		if ((void *)(uh + 1) > end || tot < sizeof(*ip) + sizeof(*uh))
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		p->ports = *(__u32 *)uh;
+		p->flow.sport = uh->source;
+		p->flow.dport = uh->dest;
+		return lb_l4(ctx, p, ip->ttl);
+	}
+	if (ip->protocol == IPPROTO_ICMP) {
+		struct icmphdr_ *ic = (void *)(ip + 1);
+		struct iphdr *in = (void *)(ic + 1);
+		__u16 *eports = (void *)(in + 1);
+		__u32 es[4] = {}, ed[4] = {};
+
+		if ((void *)(ic + 1) > end)
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		if (ic->type != ICMP_DEST_UNREACH_ || ic->code != ICMP_FRAG_NEEDED_)
+			return verdict(XLB_PASS_ICMP, XDP_PASS);
+		if ((void *)(eports + 2) > end)
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		if (in->version != 4 || in->ihl != 5 ||
+		    (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP))
+			return verdict(XLB_PASS_ICMP, XDP_PASS);
+		if (ip4_csum20((__u16 *)ip) != 0)
+			return verdict(XLB_PASS_ICMP, XDP_PASS);
+		es[0] = in->saddr;
+		ed[0] = in->daddr;
+		return icmp_error(ctx, p, es, ed, eports[0], eports[1], in->protocol, ip->ttl);
+	}
+	return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
+}
+
+static __always_inline int is_ext_header(__u8 nh)
+{
+	switch (nh) {
+	case 0:   /* hop-by-hop */
+	case 43:  /* routing */
+	case 50:  /* ESP */
+	case 51:  /* AH */
+	case 60:  /* destination options */
+	case 135: /* mobility */
+	case 139: /* HIP */
+	case 140: /* shim6 */
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline int handle_v6(struct xdp_md *ctx, struct pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ipv6hdr *ip6 = data + l2_len(p);
+	__u32 plen;
+
+	if ((void *)(ip6 + 1) > end)
+		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+	if (ip6->version != 6)
+		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+	if (ip6->nexthdr == 44)
+		return verdict(XLB_PASS_FRAGMENT, XDP_PASS);
+	if (is_ext_header(ip6->nexthdr))
+		return verdict(XLB_PASS_IP_OPTIONS, XDP_PASS);
+	plen = bpf_ntohs(ip6->payload_len);
+	if ((void *)(ip6 + 1) + plen > end)
+		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+	p->ip_len = sizeof(*ip6) + plen;
+	p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
+	p->flow.family = XLB_AF_INET6;
+	p->flow.proto = ip6->nexthdr;
+	__builtin_memcpy(p->flow.src, &ip6->saddr, 16);
+	__builtin_memcpy(p->flow.dst, &ip6->daddr, 16);
+
+	if (ip6->nexthdr == IPPROTO_TCP) {
+		struct tcphdr *th = (void *)(ip6 + 1);
+
+		if ((void *)(th + 1) > end || plen < sizeof(*th))
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		p->ports = *(__u32 *)th;
+		p->flow.sport = th->source;
+		p->flow.dport = th->dest;
+		p->tcp_flags = ((__u8 *)th)[13];
+		return lb_l4(ctx, p, ip6->hop_limit);
+	}
+	if (ip6->nexthdr == IPPROTO_UDP) {
+		struct udphdr *uh = (void *)(ip6 + 1);
+
+		if ((void *)(uh + 1) > end || plen < sizeof(*uh))
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		p->ports = *(__u32 *)uh;
+		p->flow.sport = uh->source;
+		p->flow.dport = uh->dest;
+		return lb_l4(ctx, p, ip6->hop_limit);
+	}
+	if (ip6->nexthdr == IPPROTO_ICMPV6) {
+		struct icmp6hdr *ic = (void *)(ip6 + 1);
+		struct ipv6hdr *in = (void *)(ic + 1);
+		__u16 *eports = (void *)(in + 1);
+		__u32 es[4], ed[4];
+
+		if ((void *)(ic + 1) > end)
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		if (ic->icmp6_type != ICMPV6_PKT_TOOBIG)
+			return verdict(XLB_PASS_ICMP, XDP_PASS);
+		if ((void *)(eports + 2) > end)
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		if (in->version != 6 || (in->nexthdr != IPPROTO_TCP && in->nexthdr != IPPROTO_UDP))
+			return verdict(XLB_PASS_ICMP, XDP_PASS);
+		__builtin_memcpy(es, &in->saddr, 16);
+		__builtin_memcpy(ed, &in->daddr, 16);
+		return icmp_error(ctx, p, es, ed, eports[0], eports[1], in->nexthdr, ip6->hop_limit);
+	}
+	return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
+}
+
+SEC("xdp")
+int xdplb(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct pkt p = {};
+	__be16 proto;
+
+	if ((void *)(eth + 1) > end)
+		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+	p.frame_len = end - data;
+	proto = eth->h_proto;
+	if (proto == bpf_htons(ETH_P_8021Q_) || proto == bpf_htons(ETH_P_8021AD_)) {
+		struct vlanhdr *vh = (void *)(eth + 1);
+
+		if ((void *)(vh + 1) > end)
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		proto = vh->proto;
+		p.vlan = 1;
+	}
+	if (proto == bpf_htons(ETH_P_IP))
+		return handle_v4(ctx, &p);
+	if (proto == bpf_htons(ETH_P_IPV6))
+		return handle_v6(ctx, &p);
+	return verdict(XLB_PASS_NOT_IP, XDP_PASS);
+}
+
+/* xdp_pass is attached to the peer of a veth the load balancer runs on:
+ * a veth drops XDP_TX frames unless its peer runs an XDP program. */
+SEC("xdp")
+int xdp_pass(struct xdp_md *ctx)
+{
+	return XDP_PASS;
+}

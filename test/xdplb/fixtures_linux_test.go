@@ -1,0 +1,431 @@
+package xdplb
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"net/netip"
+	"testing"
+
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+
+	"github.com/shuntmesh/shunt/agent/xdp"
+	"github.com/shuntmesh/shunt/bpf"
+	"github.com/shuntmesh/shunt/mesh"
+)
+
+var (
+	client4 = netip.MustParseAddr("198.51.100.10")
+	client6 = netip.MustParseAddr("2001:db8::10")
+)
+
+func c4(port uint16) netip.AddrPort { return netip.AddrPortFrom(client4, port) }
+func c6(port uint16) netip.AddrPort { return netip.AddrPortFrom(client6, port) }
+
+// fixture is one packet through the program: Katran style.
+type fixture struct {
+	name    string
+	in      []byte
+	verdict uint32
+	// out is the expected frame; nil means "unchanged" (PASS) or not
+	// compared (DROP).
+	out []byte
+	// counters are the exact deltas of lb_stats (by StatNames); every
+	// other counter must stay unchanged.
+	counters map[string]uint64
+	// svc are exact deltas of per-service counters, by frontend.
+	svc map[string]bpf.XdplbXlbSvcStats
+}
+
+// builder makes the expected frames from the Go-side model.
+type builder struct {
+	t testing.TB
+	m *model
+}
+
+func (b builder) hash(p pk) uint32 { return b.m.hash(p.src, p.dst, p.udp) }
+
+func (b builder) backend(p pk) xdp.Backend { return b.m.pick(b.t, p.src, p.dst, p.udp) }
+
+// ipip: the frame bounced with an outer header to the backend's tunnel
+// address; the inner packet unchanged.
+func (b builder) ipip(p pk, be xdp.Backend) []byte {
+	in := p.bytes(b.t)
+	return b.ipipOf(in, p.vlan, p.v4(), p.tos, be, b.hash(p))
+}
+
+func (b builder) ipipOf(in []byte, vlan uint16, inner4 bool, tos uint8, be xdp.Backend, hash uint32) []byte {
+	tun := tunnelOf(be)
+	proto := uint8(41)
+	if inner4 {
+		proto = 4
+	}
+	outer := outerIP(nodeFor(tun), tun, proto, ipLen(in, vlan), tos, hash)
+	return encap(swapped(in), vlan, tun.Is4(), outer)
+}
+
+// dnat is p addressed to the backend, bounced.
+func (b builder) dnat(p pk, be xdp.Backend) []byte {
+	q := p
+	q.dst = be.Addr
+	return swapped(q.bytes(b.t))
+}
+
+func (b builder) geneve(p pk, be xdp.Backend) []byte {
+	inner := b.dnat(p, be)
+	hash := b.hash(p)
+	tun := tunnelOf(be)
+	n := ipLen(inner, p.vlan)
+	gh := geneveHdr(p.dst, n, hash)
+	outer := outerIP(nodeFor(tun), tun, 17, len(gh)+n, p.tos, hash)
+	return encap(inner, p.vlan, tun.Is4(), outer, gh)
+}
+
+func (b builder) opt(p pk, be xdp.Backend) []byte {
+	q := p
+	q.dst = be.Addr
+	if p.v4() {
+		data := make([]byte, 6)
+		binary.BigEndian.PutUint16(data, p.dst.Port())
+		a := p.dst.Addr().As4()
+		copy(data[2:], a[:])
+		q.ipOpts = []layers.IPv4Option{{OptionType: 0x9e, OptionLength: 8, OptionData: data}}
+		// The frame keeps the input's Ethernet padding after the datagram.
+		in := p.bytes(b.t)
+		exp := swapped(q.bytes(b.t))
+		exp = exp[:l2len(p.vlan)+ipLen(exp, p.vlan)]
+		return append(exp, in[l2len(p.vlan)+ipLen(in, p.vlan):]...)
+	}
+	f := swapped(q.bytes(b.t))
+	off := l2len(p.vlan)
+	nh := f[off+6]
+	opt := []byte{nh, 2, 0x1e, 18, 0, 0}
+	binary.BigEndian.PutUint16(opt[4:], p.dst.Port())
+	a := p.dst.Addr().As16()
+	opt = append(opt, a[:]...)
+	opt = append(opt, 1, 0)
+	f[off+6] = 60
+	binary.BigEndian.PutUint16(f[off+4:], binary.BigEndian.Uint16(f[off+4:])+24)
+	out := append([]byte(nil), f[:off+40]...)
+	out = append(out, opt...)
+	return append(out, f[off+40:]...)
+}
+
+// snat is p from the node address and port to the backend, bounced.
+func (b builder) snat(p pk, be xdp.Backend) []byte {
+	q := p
+	q.src = netip.AddrPortFrom(nodeFor(p.src.Addr()), snatPort(b.hash(p)))
+	q.dst = be.Addr
+	return swapped(q.bytes(b.t))
+}
+
+// reply is the backend's answer to a SNATed p as it reaches the load
+// balancer, and what the load balancer makes of it.
+func (b builder) reply(p pk, be xdp.Backend) (in, out []byte) {
+	r := pk{src: be.Addr, dst: netip.AddrPortFrom(nodeFor(p.src.Addr()), snatPort(b.hash(p))), udp: p.udp, flags: "A", payload: []byte("pong")}
+	in = r.bytes(b.t)
+	r.src, r.dst = p.dst, p.src
+	return in, swapped(r.bytes(b.t))
+}
+
+// ptb is an ICMP "fragmentation needed" (IPv4) or "packet too big" (IPv6)
+// from a router on the path of the reply of flow p (VIP -> client), sent to
+// the VIP.
+func (b builder) ptb(p pk, ttl uint8) []byte {
+	reply := pk{src: p.dst, dst: p.src, udp: p.udp, flags: "A", payload: bytes.Repeat([]byte{'x'}, 16)}
+	rb := reply.bytes(b.t)[14:] // the embedded packet (a prefix of it)
+	router := netip.MustParseAddr("203.0.113.1")
+	if !p.v4() {
+		router = netip.MustParseAddr("2001:db8:ffff::1")
+	}
+	if ttl == 0 {
+		ttl = 64
+	}
+	ls := l2(routerMAC, lbMAC, 0, p.v4())
+	if p.v4() {
+		ip := &layers.IPv4{Version: 4, TTL: ttl, Protocol: layers.IPProtocolICMPv4, SrcIP: router.AsSlice(), DstIP: p.dst.Addr().AsSlice()}
+		ic := &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(3, 4), Seq: 1400} // next-hop MTU 1400
+		ls = append(ls, ip, ic, gopacket.Payload(rb[:28+8]))
+	} else {
+		ip := &layers.IPv6{Version: 6, HopLimit: ttl, NextHeader: layers.IPProtocolICMPv6, SrcIP: router.AsSlice(), DstIP: p.dst.Addr().AsSlice()}
+		ic := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(2, 0)}
+		ic.SetNetworkLayerForChecksum(ip)
+		mtu := []byte{0, 0, 0x05, 0x00} // MTU 1280
+		ls = append(ls, ip, ic, gopacket.Payload(append(mtu, rb[:48+8]...)))
+	}
+	return serialize(b.t, ls...)
+}
+
+func stats(n ...string) map[string]uint64 {
+	m := map[string]uint64{}
+	for _, s := range n {
+		m[s]++
+	}
+	return m
+}
+
+func fixtures(t testing.TB, m *model) []fixture {
+	b := builder{t, m}
+	var fs []fixture
+	add := func(f fixture) { fs = append(fs, f) }
+	vip := ap("10.96.0.1:80")
+	vip6 := ap("[fd00:96::1]:80")
+	svc1 := "10.96.0.1:80/tcp"
+
+	// Not for the load balancer.
+	arp := serialize(t, &layers.Ethernet{SrcMAC: routerMAC, DstMAC: layers.EthernetBroadcast, EthernetType: layers.EthernetTypeARP},
+		&layers.ARP{AddrType: layers.LinkTypeEthernet, Protocol: layers.EthernetTypeIPv4, HwAddressSize: 6, ProtAddressSize: 4,
+			Operation: layers.ARPRequest, SourceHwAddress: routerMAC, SourceProtAddress: []byte{10, 0, 0, 254},
+			DstHwAddress: make([]byte, 6), DstProtAddress: []byte{10, 96, 0, 1}})
+	add(fixture{name: "ARP request for a VIP", in: arp, verdict: xdp.XDPPass, counters: stats("pass_not_ip")})
+	nsIP := &layers.IPv6{Version: 6, HopLimit: 255, NextHeader: layers.IPProtocolICMPv6, SrcIP: ip("fe80::1").AsSlice(), DstIP: ip("ff02::1:ff00:1").AsSlice()}
+	nsICMP := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(layers.ICMPv6TypeNeighborSolicitation, 0)}
+	nsICMP.SetNetworkLayerForChecksum(nsIP)
+	ns := serialize(t, append(l2(routerMAC, lbMAC, 0, false), nsIP, nsICMP,
+		&layers.ICMPv6NeighborSolicitation{TargetAddress: ip("fd00:96::1").AsSlice()})...)
+	add(fixture{name: "ND neighbor solicitation for a VIP", in: ns, verdict: xdp.XDPPass, counters: stats("pass_icmp")})
+	add(fixture{name: "unknown VIP", in: pk{src: c4(clientPort), dst: ap("10.96.99.99:80"), flags: "S"}.bytes(t),
+		verdict: xdp.XDPPass, counters: stats("pass_not_vip")})
+	add(fixture{name: "VIP, other port", in: pk{src: c4(clientPort), dst: ap("10.96.0.1:81"), flags: "S"}.bytes(t),
+		verdict: xdp.XDPPass, counters: stats("pass_not_vip")})
+	add(fixture{name: "VIP, other protocol (UDP to a TCP service)", in: pk{src: c4(clientPort), dst: vip, udp: true}.bytes(t),
+		verdict: xdp.XDPPass, counters: stats("pass_not_vip")})
+	add(fixture{name: "UDP to the node address, no SNAT flow", in: pk{src: ap("10.1.0.1:5353"), dst: netip.AddrPortFrom(node4, 40500), udp: true}.bytes(t),
+		verdict: xdp.XDPPass, counters: stats("pass_not_vip")})
+
+	// IPIP: SYN, established, mid-flow pick, RST.
+	syn := pk{src: c4(clientPort + 1), dst: vip, flags: "S"}
+	be1 := b.backend(syn)
+	add(fixture{name: "v4 TCP SYN, IPIP", in: syn.bytes(t), verdict: xdp.XDPTx, out: b.ipip(syn, be1),
+		counters: stats("tx_ipip", "ct_new"), svc: map[string]bpf.XdplbXlbSvcStats{svc1: {Packets: 1, Bytes: uint64(len(syn.bytes(t))), Flows: 1}}})
+	ack := syn
+	ack.flags, ack.payload = "AP", []byte("GET / HTTP/1.1\r\n\r\n")
+	add(fixture{name: "v4 TCP ACK of the flow (conntrack)", in: ack.bytes(t), verdict: xdp.XDPTx, out: b.ipip(ack, be1),
+		counters: stats("tx_ipip", "ct_hit"), svc: map[string]bpf.XdplbXlbSvcStats{svc1: {Packets: 1, Bytes: uint64(len(ack.bytes(t)))}}})
+	mid := pk{src: c4(clientPort + 2), dst: vip, flags: "A"}
+	add(fixture{name: "v4 TCP ACK of an unknown flow: Maglev pick", in: mid.bytes(t), verdict: xdp.XDPTx, out: b.ipip(mid, b.backend(mid)),
+		counters: stats("tx_ipip", "ct_new", "ct_midflow")})
+	rst := syn
+	rst.flags = "RA"
+	add(fixture{name: "v4 TCP RST removes the conntrack entry", in: rst.bytes(t), verdict: xdp.XDPTx, out: b.ipip(rst, be1),
+		counters: stats("tx_ipip", "ct_hit", "ct_rst")})
+	add(fixture{name: "v4 TCP ACK after RST: picked again", in: ack.bytes(t), verdict: xdp.XDPTx, out: b.ipip(ack, be1),
+		counters: stats("tx_ipip", "ct_new", "ct_midflow")})
+	rstNew := pk{src: c4(clientPort + 3), dst: vip, flags: "R"}
+	add(fixture{name: "v4 TCP RST of an unknown flow: forwarded, no entry", in: rstNew.bytes(t), verdict: xdp.XDPTx,
+		out: b.ipip(rstNew, b.backend(rstNew)), counters: stats("tx_ipip", "ct_new", "ct_midflow")})
+	add(fixture{name: "v4 TCP RST of an unknown flow again: still no entry", in: rstNew.bytes(t), verdict: xdp.XDPTx,
+		out: b.ipip(rstNew, b.backend(rstNew)), counters: stats("tx_ipip", "ct_new", "ct_midflow")})
+	tos := pk{src: c4(clientPort + 4), dst: vip, flags: "S", tos: 0xb8}
+	add(fixture{name: "v4 TCP SYN with DSCP EF: copied to the outer header", in: tos.bytes(t), verdict: xdp.XDPTx, out: b.ipip(tos, b.backend(tos)),
+		counters: stats("tx_ipip", "ct_new")})
+	vl := pk{src: c4(clientPort + 5), dst: vip, flags: "S", vlan: 42}
+	add(fixture{name: "802.1Q tagged SYN: tag kept", in: vl.bytes(t), verdict: xdp.XDPTx, out: b.ipip(vl, b.backend(vl)),
+		counters: stats("tx_ipip", "ct_new")})
+	badL4 := pk{src: c4(clientPort + 6), dst: vip, flags: "S", badL4: true}
+	add(fixture{name: "bad TCP checksum: forwarded unchanged (the backend checks it)", in: badL4.bytes(t), verdict: xdp.XDPTx,
+		out: b.ipip(badL4, b.backend(badL4)), counters: stats("tx_ipip", "ct_new")})
+	add(fixture{name: "v6 TCP SYN, IP6IP6", in: pk{src: c6(clientPort), dst: vip6, flags: "S"}.bytes(t), verdict: xdp.XDPTx,
+		out:      b.ipip(pk{src: c6(clientPort), dst: vip6, flags: "S"}, b.backend(pk{src: c6(clientPort), dst: vip6, flags: "S"})),
+		counters: stats("tx_ipip", "ct_new")})
+	p4in6 := pk{src: c4(clientPort), dst: ap("10.96.0.6:80"), flags: "S"}
+	add(fixture{name: "v4 TCP SYN, 4in6 (IPv6 tunnel address)", in: p4in6.bytes(t), verdict: xdp.XDPTx, out: b.ipip(p4in6, b.backend(p4in6)),
+		counters: stats("tx_ipip", "ct_new")})
+	p6in4 := pk{src: c6(clientPort), dst: ap("[fd00:96::7]:80"), flags: "S"}
+	add(fixture{name: "v6 TCP SYN, 6in4 (IPv4 tunnel address)", in: p6in4.bytes(t), verdict: xdp.XDPTx, out: b.ipip(p6in4, b.backend(p6in4)),
+		counters: stats("tx_ipip", "ct_new")})
+
+	// Geneve and IP option.
+	for _, p := range []pk{
+		{src: c4(clientPort + 10), dst: ap("10.96.0.3:80"), flags: "S"},
+		{src: c4(clientPort + 11), dst: ap("10.96.0.3:80"), flags: "S", vlan: 7},
+		{src: c6(clientPort + 10), dst: ap("[fd00:96::3]:80"), flags: "S"},
+		{src: c4(clientPort + 12), dst: ap("10.96.0.8:80"), flags: "S"}, // hybrid TCP: DSR
+	} {
+		add(fixture{name: fmt.Sprintf("%s -> %s SYN, Geneve (vlan %d)", p.src, p.dst, p.vlan), in: p.bytes(t), verdict: xdp.XDPTx,
+			out: b.geneve(p, b.backend(p)), counters: stats("tx_geneve", "ct_new")})
+	}
+	for _, p := range []pk{
+		{src: c4(clientPort + 13), dst: ap("10.96.0.4:80"), flags: "S"},
+		{src: c4(clientPort + 14), dst: ap("10.96.0.4:80"), flags: "S", vlan: 7, payload: []byte("data")},
+		{src: c6(clientPort + 13), dst: ap("[fd00:96::4]:80"), flags: "S"},
+	} {
+		add(fixture{name: fmt.Sprintf("%s -> %s SYN, IP option (vlan %d)", p.src, p.dst, p.vlan), in: p.bytes(t), verdict: xdp.XDPTx,
+			out: b.opt(p, b.backend(p)), counters: stats("tx_opt", "ct_new")})
+	}
+
+	// SNAT and its replies.
+	for _, p := range []pk{
+		{src: c4(clientPort + 20), dst: ap("10.96.0.2:53"), udp: true, payload: []byte("query")},
+		{src: c6(clientPort + 20), dst: ap("[fd00:96::2]:53"), udp: true, payload: []byte("query")},
+		{src: c4(clientPort + 21), dst: ap("10.96.0.8:80"), udp: true, payload: []byte("hybrid")}, // hybrid UDP: SNAT
+	} {
+		be := b.backend(p)
+		add(fixture{name: fmt.Sprintf("%s -> %s UDP, SNAT", p.src, p.dst), in: p.bytes(t), verdict: xdp.XDPTx,
+			out: b.snat(p, be), counters: stats("tx_snat", "ct_new")})
+		add(fixture{name: fmt.Sprintf("%s -> %s UDP again, SNAT (conntrack)", p.src, p.dst), in: p.bytes(t), verdict: xdp.XDPTx,
+			out: b.snat(p, be), counters: stats("tx_snat", "ct_hit")})
+		in, out := b.reply(p, be)
+		add(fixture{name: fmt.Sprintf("reply %s -> node, reverse SNAT to %s", be.Addr, p.src), in: in, verdict: xdp.XDPTx, out: out,
+			counters: stats("tx_snat_reply")})
+	}
+	udp0 := pk{src: c4(clientPort + 22), dst: ap("10.96.0.2:53"), udp: true, payload: []byte("q")}
+	in0 := udp0.bytes(t)
+	in0[14+20+6], in0[14+20+7] = 0, 0 // IPv4 UDP without checksum
+	out0 := b.snat(udp0, b.backend(udp0))
+	out0[14+20+6], out0[14+20+7] = 0, 0
+	add(fixture{name: "UDP without checksum stays without after SNAT", in: in0, verdict: xdp.XDPTx, out: out0, counters: stats("tx_snat", "ct_new")})
+
+	// Passed to the kernel.
+	add(fixture{name: "IPv4 options to a VIP", verdict: xdp.XDPPass, counters: stats("pass_ip_options"),
+		in: pk{src: c4(clientPort), dst: vip, flags: "S", ipOpts: []layers.IPv4Option{{OptionType: 1}, {OptionType: 1}, {OptionType: 1}, {OptionType: 0}}}.bytes(t)})
+	add(fixture{name: "first fragment to a VIP", in: pk{src: c4(clientPort), dst: vip, flags: "S", mf: true}.bytes(t),
+		verdict: xdp.XDPPass, counters: stats("pass_fragment")})
+	add(fixture{name: "later fragment to a VIP", in: pk{src: c4(clientPort), dst: vip, udp: true, fragOff: 185}.bytes(t),
+		verdict: xdp.XDPPass, counters: stats("pass_fragment")})
+	add(fixture{name: "IPv6 fragment to a VIP", in: pk{src: c6(clientPort), dst: vip6, flags: "S", frag6: true}.bytes(t),
+		verdict: xdp.XDPPass, counters: stats("pass_fragment")})
+	add(fixture{name: "TTL 1 to a VIP", in: pk{src: c4(clientPort), dst: vip, flags: "S", ttl: 1}.bytes(t),
+		verdict: xdp.XDPPass, counters: stats("pass_ttl")})
+	add(fixture{name: "hop limit 1 to a VIP", in: pk{src: c6(clientPort), dst: vip6, flags: "S", ttl: 1}.bytes(t),
+		verdict: xdp.XDPPass, counters: stats("pass_ttl")})
+	add(fixture{name: "bad IPv4 header checksum to a VIP", in: pk{src: c4(clientPort), dst: vip, flags: "S", badIP: true}.bytes(t),
+		verdict: xdp.XDPPass, counters: stats("pass_bad_csum")})
+	echo := serialize(t, append(l2(routerMAC, lbMAC, 0, true),
+		&layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolICMPv4, SrcIP: client4.AsSlice(), DstIP: vip.Addr().AsSlice()},
+		&layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(8, 0), Id: 1, Seq: 1})...)
+	add(fixture{name: "ICMP echo to a VIP", in: echo, verdict: xdp.XDPPass, counters: stats("pass_icmp")})
+
+	// Truncated and malformed.
+	full := syn.bytes(t)
+	add(fixture{name: "Ethernet header only", in: full[:14], verdict: xdp.XDPPass, counters: stats("pass_malformed")})
+	add(fixture{name: "truncated IPv4 header", in: full[:14+12], verdict: xdp.XDPPass, counters: stats("pass_malformed")})
+	add(fixture{name: "truncated TCP header", in: full[:14+20+10], verdict: xdp.XDPPass, counters: stats("pass_malformed")})
+	short := append([]byte(nil), full[:14+20+20]...)
+	binary.BigEndian.PutUint16(short[16:], 20+20+100) // total length beyond the frame
+	add(fixture{name: "IPv4 total length beyond the frame", in: short, verdict: xdp.XDPPass, counters: stats("pass_malformed")})
+	v5 := append([]byte(nil), full...)
+	v5[14] = 0x55
+	add(fixture{name: "IP version 5", in: v5, verdict: xdp.XDPPass, counters: stats("pass_malformed")})
+	full6 := pk{src: c6(clientPort), dst: vip6, flags: "S"}.bytes(t)
+	add(fixture{name: "truncated IPv6 header", in: full6[:14+30], verdict: xdp.XDPPass, counters: stats("pass_malformed")})
+	add(fixture{name: "truncated VLAN header", in: vl.bytes(t)[:15], verdict: xdp.XDPPass, counters: stats("pass_malformed")})
+
+	// A service whose only backend is drained.
+	drained := pk{src: c4(clientPort), dst: ap("10.96.0.9:80"), flags: "S"}
+	add(fixture{name: "new flow to a service without backend", in: drained.bytes(t), verdict: xdp.XDPDrop,
+		counters: stats("drop_no_backend"), svc: map[string]bpf.XdplbXlbSvcStats{"10.96.0.9:80/tcp": {NoBackend: 1}}})
+
+	// ICMP errors about VIP flows go to the flow's backend.
+	ack2 := pk{src: c4(clientPort + 2), dst: vip, flags: "A"} // the mid-flow pick above
+	ptb4 := b.ptb(ack2, 0)
+	add(fixture{name: "ICMP frag-needed for a VIP flow: to its backend", in: ptb4, verdict: xdp.XDPTx,
+		out: b.ipipOf(ptb4, 0, true, 0, b.backend(ack2), b.hash(ack2)), counters: stats("tx_icmp")})
+	add(fixture{name: "ICMP frag-needed with TTL 1", in: b.ptb(ack2, 1), verdict: xdp.XDPPass, counters: stats("pass_ttl")})
+	f6 := pk{src: c6(clientPort), dst: vip6, flags: "S"}
+	ptb6 := b.ptb(f6, 0)
+	add(fixture{name: "ICMPv6 packet-too-big for a VIP flow: to its backend", in: ptb6, verdict: xdp.XDPTx,
+		out: b.ipipOf(ptb6, 0, false, 0, b.backend(f6), b.hash(f6)), counters: stats("tx_icmp")})
+	unknownFlow := pk{src: c4(clientPort + 99), dst: ap("10.96.99.99:80"), flags: "A"}
+	add(fixture{name: "ICMP frag-needed for another destination", in: b.ptb(unknownFlow, 0), verdict: xdp.XDPPass, counters: stats("pass_icmp")})
+	return fs
+}
+
+func readStats(t *testing.T, d *xdp.Datapath) []uint64 {
+	t.Helper()
+	c, err := d.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// TestFixtures runs every fixture in order through BPF_PROG_TEST_RUN.
+func TestFixtures(t *testing.T) {
+	svcs := fixtureServices()
+	d := newLB(t, svcs)
+	m := newModel(t, svcs)
+	for _, f := range fixtures(t, m) {
+		beforeStats := readStats(t, d)
+		beforeSvc, err := d.ServiceCounters()
+		if err != nil {
+			t.Fatal(err)
+		}
+		verdict, out, err := xdp.RunXDP(d.Program(), f.in)
+		if err != nil {
+			t.Fatalf("%s: %v", f.name, err)
+		}
+		if verdict != f.verdict {
+			t.Errorf("%s: verdict %s, want %s", f.name, xdp.VerdictName(verdict), xdp.VerdictName(f.verdict))
+		}
+		want := f.out
+		if want == nil && f.verdict == xdp.XDPPass {
+			want = f.in
+		}
+		if want != nil && !bytes.Equal(out, want) {
+			t.Errorf("%s: output differs\n got %s\nwant %s\n%s", f.name, hex.EncodeToString(out), hex.EncodeToString(want), diffLayers(out, want))
+		}
+		after := readStats(t, d)
+		for i, name := range xdp.StatNames {
+			if got, exp := after[i]-beforeStats[i], f.counters[name]; got != exp {
+				t.Errorf("%s: counter %s changed by %d, want %d", f.name, name, got, exp)
+			}
+		}
+		if f.svc != nil {
+			afterSvc, err := d.ServiceCounters()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for name, exp := range f.svc {
+				a, b0 := afterSvc[name], beforeSvc[name]
+				got := bpf.XdplbXlbSvcStats{Packets: a.Packets - b0.Packets, Bytes: a.Bytes - b0.Bytes, Flows: a.Flows - b0.Flows, NoBackend: a.NoBackend - b0.NoBackend}
+				if got != exp {
+					t.Errorf("%s: service %s counters changed by %+v, want %+v", f.name, name, got, exp)
+				}
+			}
+		}
+	}
+}
+
+// diffLayers decodes both frames for a readable failure message.
+func diffLayers(got, want []byte) string {
+	g := gopacket.NewPacket(got, layers.LayerTypeEthernet, gopacket.Default)
+	w := gopacket.NewPacket(want, layers.LayerTypeEthernet, gopacket.Default)
+	return "got:\n" + g.Dump() + "\nwant:\n" + w.Dump()
+}
+
+// TestWhichMatchesMaglev compares the backend the loaded program picks for
+// 10,000 random flows with the pick mesh/maglev computes in Go.
+func TestWhichMatchesMaglev(t *testing.T) {
+	svcs := fixtureServices()
+	d := newLB(t, svcs)
+	m := newModel(t, svcs)
+	ct := d.LBMaps().LbCt
+	r := newRand()
+	for i := 0; i < 10000; i++ {
+		var src, dst netip.AddrPort
+		udp := i%4 == 3
+		switch i % 4 {
+		case 0, 3:
+			src, dst = netip.AddrPortFrom(r.addr4(), r.port()), ap("10.96.0.1:80")
+			if udp {
+				dst = ap("10.96.0.10:53")
+			}
+		case 1:
+			src, dst = netip.AddrPortFrom(r.addr6(), r.port()), ap("[fd00:96::1]:80")
+		case 2:
+			src, dst = netip.AddrPortFrom(r.addr4(), r.port()), ap("10.96.0.3:80")
+		}
+		res, err := xdp.Which(d.Program(), ct, proto(udp), src, dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := m.pick(t, src, dst, udp)
+		if res.Verdict != "XDP_TX" || res.Backend != want.Addr {
+			t.Fatalf("flow %d %s -> %s (%s): datapath %+v, Go Maglev %s", i, src, dst, proto(udp), res, want.Addr)
+		}
+	}
+	_ = mesh.TCP
+}
