@@ -243,8 +243,12 @@ type SidecarCell struct {
 	Rates    []float64
 	P50, P99 []time.Duration
 	CPU      []float64
+	ProxyCPU []float64 // the proxies' share of CPU
 	Wakeups  []float64
 	ProxyOps []float64
+	// ProxySyscalls: the proxies' system calls per transaction, counted
+	// with perf in one extra slice (0: perf unavailable).
+	ProxySyscalls float64
 
 	// Whole phase (warm-up included): bytes the client sent and received,
 	// bytes verified, connections, spurious EAGAINs on blocking sockets.
@@ -460,7 +464,8 @@ func (r *SidecarReport) LatencyTable() string {
 }
 
 // CostTable shows what each transaction costs: CPU time of all processes
-// on the path and the proxies' wake-ups, per configuration.
+// on the path and of the proxies alone, the proxies' wake-ups and system
+// calls, per configuration.
 func (r *SidecarReport) CostTable() string {
 	var b strings.Builder
 	var body [][]string
@@ -470,30 +475,34 @@ func (r *SidecarReport) CostTable() string {
 		if ipt == nil {
 			continue
 		}
-		cpu, wake, ops := []string{}, []string{}, []string{}
+		var cpu, pcpu, wake, sys []string
 		for _, cfg := range []string{SCDirect, SCIPTables, SCOff, SCAuto, SCOn} {
 			c := cell(cfg)
 			if c == nil {
-				cpu, wake, ops = append(cpu, "–"), append(wake, "–"), append(ops, "–")
+				cpu = append(cpu, "–")
+				if cfg != SCDirect {
+					pcpu, wake, sys = append(pcpu, "–"), append(wake, "–"), append(sys, "–")
+				}
 				continue
 			}
-			cpu = append(cpu, medianOr(c.CPU, "%.1f"))
-			if cfg != SCDirect {
-				wake = append(wake, medianOr(c.Wakeups, "%.2f"))
-				ops = append(ops, medianOr(c.ProxyOps, "%.1f"))
+			cpu = append(cpu, medianOr(c.CPU, "%.0f"))
+			if cfg == SCDirect {
+				continue
+			}
+			pcpu = append(pcpu, medianOr(c.ProxyCPU, "%.0f"))
+			wake = append(wake, medianOr(c.Wakeups, "%.1f"))
+			if c.ProxySyscalls > 0 {
+				sys = append(sys, fmt.Sprintf("%.1f", c.ProxySyscalls))
+			} else {
+				sys = append(sys, "–")
 			}
 		}
-		row := []string{strconv.Itoa(k.topo), k.proxy, ipt.Workload.Describe(), strings.Join(cpu, " / "), strings.Join(wake, " / ")}
-		if k.proxy == "go" {
-			row = append(row, strings.Join(ops, " / "))
-		} else {
-			row = append(row, "–")
-		}
-		body = append(body, row)
+		body = append(body, []string{strconv.Itoa(k.topo), k.proxy, ipt.Workload.Describe(), strings.Join(cpu, " / "),
+			strings.Join(pcpu, " / "), strings.Join(wake, " / "), strings.Join(sys, " / ")})
 	}
-	unit := "transaction"
-	mdTable(&b, []string{"sidecars", "proxy", "workload", "CPU µs per " + unit + ": direct / iptables / off / auto / on",
-		"proxy wake-ups per " + unit + ": iptables / off / auto / on", "Go proxy reads+writes per " + unit + ": iptables / off / auto / on"}, "lllrrr", body)
+	mdTable(&b, []string{"sidecars", "proxy", "workload", "CPU µs, whole path: direct / iptables / off / auto / on",
+		"CPU µs, proxies: iptables / off / auto / on", "proxy wake-ups: iptables / off / auto / on",
+		"proxy syscalls: iptables / off / auto / on"}, "lllrrrr", body)
 	return b.String()
 }
 
@@ -649,8 +658,8 @@ func (r *SidecarReport) Write(w io.Writer, markdown bool) {
 	fmt.Fprintln(w, "Latency of one transaction, median of the repetitions' percentiles:")
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, r.LatencyTable())
-	fmt.Fprintln(w, "Cost per transaction (stream: per write): CPU time of every process on the path (apps and proxies, with the kernel work done in their context), "+
-		"proxies' wake-ups (voluntary context switches), the Go proxy's read and write calls:")
+	fmt.Fprintln(w, "Cost per transaction (stream: per write), medians: CPU time of the processes on the path (apps and proxies, with the kernel work done in their context) "+
+		"and of the proxies alone; the proxies' wake-ups (voluntary context switches); the proxies' system calls (perf, one extra slice; – without perf):")
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, r.CostTable())
 	fmt.Fprintln(w, "Evidence of the path each configuration took (all workloads; Shunt counters are per pod, the proxies' forwarded bytes equal what the client moved):")

@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/shuntmesh/shunt/agent"
@@ -558,22 +559,27 @@ func (r *sidecarRun) startProxy(ctx context.Context, kind string, p *benchPod, l
 	}
 	px.cmd = cmd
 	deadline := time.Now().Add(10 * time.Second)
-	for !listening(cmd.Process.Pid, listen.Port()) {
+	ready := func() bool {
+		if !listening(cmd.Process.Pid, listen.Port()) {
+			return false
+		}
+		_, err := haproxyBytes(px.stats)
+		return err == nil
+	}
+	for !ready() {
 		if exited(cmd.Process.Pid) {
 			e.stop(cmd)
 			return nil, fmt.Errorf("%s exited: %s", desc, output())
 		}
 		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("%s: not listening after 10s: %s", desc, output())
+			_, err := haproxyBytes(px.stats)
+			return nil, fmt.Errorf("%s: not ready after 10s (listening: %v, stats: %v): %s", desc, listening(cmd.Process.Pid, listen.Port()), err, output())
 		}
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-time.After(10 * time.Millisecond):
 		}
-	}
-	if _, err := haproxyBytes(px.stats); err != nil {
-		return nil, fmt.Errorf("%s: %w", desc, err)
 	}
 	return px, nil
 }
@@ -582,7 +588,7 @@ func (r *sidecarRun) startProxy(ctx context.Context, kind string, p *benchPod, l
 func HAProxyConfig(listen netip.AddrPort, statsSock string, cpu int) string {
 	pin := ""
 	if cpu >= 0 {
-		pin = fmt.Sprintf("    cpu-map 1/1 %d\n", cpu)
+		pin = fmt.Sprintf("    cpu-map 1/all %d\n", cpu)
 	}
 	return fmt.Sprintf(`global
     nbthread 1
@@ -709,12 +715,21 @@ type scCell struct {
 	proxies []*scProxy // on the path
 }
 
-// procSample is the path's CPU time, the proxies' wake-ups and the Go
-// proxies' reads+writes at one moment.
+// procSample is, at one moment, the CPU time of the path's processes (all,
+// and the proxies alone), the proxies' wake-ups and the Go proxies'
+// reads+writes.
 type procSample struct {
-	cpu  time.Duration
-	wake uint64
-	ops  uint64
+	cpu, proxyCPU time.Duration
+	wake          uint64
+	ops           uint64
+}
+
+func (a procSample) sub(b procSample) procSample {
+	return procSample{cpu: a.cpu - b.cpu, proxyCPU: a.proxyCPU - b.proxyCPU, wake: a.wake - b.wake, ops: a.ops - b.ops}
+}
+
+func (a procSample) add(b procSample) procSample {
+	return procSample{cpu: a.cpu + b.cpu, proxyCPU: a.proxyCPU + b.proxyCPU, wake: a.wake + b.wake, ops: a.ops + b.ops}
 }
 
 func (c *scCell) sample(ctx context.Context) (procSample, error) {
@@ -727,6 +742,11 @@ func (c *scCell) sample(ctx context.Context) (procSample, error) {
 		s.cpu += u
 	}
 	for _, px := range c.proxies {
+		u, err := cgroupCPU(px.cgroup)
+		if err != nil {
+			return s, err
+		}
+		s.proxyCPU += u
 		s.wake += voluntarySwitches(px.cmd.Process.Pid)
 		if px.kind == ProxyGo {
 			_, ops, err := px.bytesForwarded(ctx)
@@ -752,6 +772,111 @@ func cgroupCPU(cg string) (time.Duration, error) {
 		}
 	}
 	return 0, fmt.Errorf("%s/cpu.stat: no usage_usec", cg)
+}
+
+// syscallsDuring counts the system calls the processes pids make while
+// f runs, with `perf stat -e raw_syscalls:sys_enter` (a tracepoint count:
+// no ptrace, little overhead). It returns ok=false when perf cannot count.
+func (e *env) syscallsDuring(pids []int, f func() error) (n uint64, ok bool, err error) {
+	type counter struct {
+		cmd *exec.Cmd
+		out *os.File
+	}
+	var cs []counter
+	defer func() {
+		for _, c := range cs {
+			if c.cmd.ProcessState == nil {
+				e.stop(c.cmd)
+			}
+			c.out.Close()
+			os.Remove(c.out.Name())
+		}
+	}()
+	for _, pid := range pids {
+		out, err := os.CreateTemp(e.tmp, "perf-")
+		if err != nil {
+			return 0, false, err
+		}
+		cmd := exec.Command("perf", "stat", "-x,", "--no-big-num", "-e", "raw_syscalls:sys_enter", "-p", strconv.Itoa(pid))
+		cmd.Stderr = out
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		if err := e.track(cmd); err != nil {
+			out.Close()
+			return 0, false, err
+		}
+		if err := cmd.Start(); err != nil {
+			e.untrack(cmd)
+			out.Close()
+			return 0, false, nil
+		}
+		cs = append(cs, counter{cmd, out})
+	}
+	// Run f only once every perf has opened its counter: the proxies are
+	// idle until f runs, so the counts cover f's traffic.
+	for _, c := range cs {
+		if !perfAttached(c.cmd.Process.Pid, 10*time.Second) {
+			return 0, false, nil
+		}
+	}
+	time.Sleep(20 * time.Millisecond)
+	ferr := f()
+	for _, c := range cs {
+		c.cmd.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() {
+			c.cmd.Wait()
+			close(done)
+		}()
+		select {
+		case <-done:
+			e.untrack(c.cmd)
+		case <-time.After(5 * time.Second):
+			e.stop(c.cmd)
+		}
+	}
+	if ferr != nil {
+		return 0, false, ferr
+	}
+	for _, c := range cs {
+		b, err := os.ReadFile(c.out.Name())
+		if err != nil {
+			return 0, false, err
+		}
+		found := false
+		for _, l := range strings.Split(string(b), "\n") {
+			f := strings.Split(l, ",")
+			if len(f) > 2 && f[2] == "raw_syscalls:sys_enter" {
+				v, err := strconv.ParseUint(f[0], 10, 64)
+				if err != nil { // "<not supported>", "<not counted>"
+					return 0, false, nil
+				}
+				n += v
+				found = true
+			}
+		}
+		if !found {
+			return 0, false, nil
+		}
+	}
+	return n, true, nil
+}
+
+// perfAttached waits until process pid holds a perf event.
+func perfAttached(pid int, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		for _, e := range ents {
+			if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, e.Name())); l == "anon_inode:[perf_event]" {
+				return true
+			}
+		}
+		if exited(pid) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return false
 }
 
 // voluntarySwitches sums voluntary_ctxt_switches over a process's threads:
@@ -916,9 +1041,7 @@ func (r *sidecarRun) phase(ctx context.Context, topo int, w Workload) (_ []*Side
 				a.runTx += res.RunTx
 				a.elapsed += res.Elapsed
 				a.hist.Merge(res.Hist)
-				a.d.cpu += s1.cpu - s0.cpu
-				a.d.wake += s1.wake - s0.wake
-				a.d.ops += s1.ops - s0.ops
+				a.d = a.d.add(s1.sub(s0))
 				last[i] = res
 			}
 		}
@@ -937,6 +1060,7 @@ func (r *sidecarRun) phase(ctx context.Context, topo int, w Workload) (_ []*Side
 			if a.runTx > 0 {
 				c.CPU = append(c.CPU, float64(a.d.cpu.Microseconds())/float64(a.runTx))
 				if len(cells[i].proxies) > 0 {
+					c.ProxyCPU = append(c.ProxyCPU, float64(a.d.proxyCPU.Microseconds())/float64(a.runTx))
 					c.Wakeups = append(c.Wakeups, float64(a.d.wake)/float64(a.runTx))
 				}
 				if c.Proxy == ProxyGo {
@@ -950,6 +1074,31 @@ func (r *sidecarRun) phase(ctx context.Context, topo int, w Workload) (_ []*Side
 			}
 		}
 		logf(o.Log, "%d sidecar(s), %s, rep %d/%d: %s", topo, w.Name, rep+1, o.Reps, strings.Join(line, ", "))
+	}
+	// One more slice per cell with perf counting the proxies' system calls
+	// (not part of the rates: tracing costs a little).
+	if _, err := exec.LookPath("perf"); err == nil {
+		for i, c := range cells {
+			var pids []int
+			for _, px := range c.proxies {
+				pids = append(pids, px.cmd.Process.Pid)
+			}
+			if len(pids) == 0 {
+				continue
+			}
+			var res SidecarClientResult
+			n, ok, err := r.e.syscallsDuring(pids, func() (err error) {
+				res, err = c.run(ctx, 0, sliceDur)
+				return err
+			})
+			if err != nil {
+				return nil, err
+			}
+			if ok && res.RunTx > 0 {
+				c.out.ProxySyscalls = float64(n) / float64(res.RunTx)
+			}
+			last[i] = res
+		}
 	}
 	for i, c := range cells {
 		res := last[i]
