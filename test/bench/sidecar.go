@@ -29,7 +29,7 @@ type Workload struct {
 const MaxWorkloadSize = 1 << 20
 
 // DefaultWorkloads are the workloads of a full run.
-var DefaultWorkloads = []string{"rr1", "rr4k", "rr64k", "stream"}
+var DefaultWorkloads = []string{"rr1", "rr4k", "rr64k", "stream", "rr1x4"}
 
 // ParseWorkload parses rr<size>[x<conns>] or stream[<size>] (default
 // 64k); sizes take a k suffix (KiB).
@@ -240,12 +240,13 @@ type SidecarCell struct {
 	// per transaction (µs); the proxies' voluntary context switches
 	// (wake-ups) per transaction; the Go proxy's reads+writes per
 	// transaction.
-	Rates    []float64
-	P50, P99 []time.Duration
-	CPU      []float64
-	ProxyCPU []float64 // the proxies' share of CPU
-	Wakeups  []float64
-	ProxyOps []float64
+	Rates     []float64
+	P50, P99  []time.Duration
+	CPU       []float64
+	ProxyCPU  []float64 // the proxies' share of CPU
+	ProxyUser []float64 // of which in user space
+	Wakeups   []float64
+	ProxyOps  []float64
 	// ProxySyscalls: the proxies' system calls per transaction, counted
 	// with perf in one extra slice (0: perf unavailable).
 	ProxySyscalls float64
@@ -489,7 +490,7 @@ func (r *SidecarReport) CostTable() string {
 			if cfg == SCDirect {
 				continue
 			}
-			pcpu = append(pcpu, medianOr(c.ProxyCPU, "%.0f"))
+			pcpu = append(pcpu, medianOr(c.ProxyCPU, "%.0f")+" ("+medianOr(c.ProxyUser, "%.0f")+")")
 			wake = append(wake, medianOr(c.Wakeups, "%.1f"))
 			if c.ProxySyscalls > 0 {
 				sys = append(sys, fmt.Sprintf("%.1f", c.ProxySyscalls))
@@ -501,7 +502,7 @@ func (r *SidecarReport) CostTable() string {
 			strings.Join(pcpu, " / "), strings.Join(wake, " / "), strings.Join(sys, " / ")})
 	}
 	mdTable(&b, []string{"sidecars", "proxy", "workload", "CPU µs, whole path: direct / iptables / off / auto / on",
-		"CPU µs, proxies: iptables / off / auto / on", "proxy wake-ups: iptables / off / auto / on",
+		"CPU µs, proxies (user space): iptables / off / auto / on", "proxy wake-ups: iptables / off / auto / on",
 		"proxy syscalls: iptables / off / auto / on"}, "lllrrrr", body)
 	return b.String()
 }

@@ -719,34 +719,37 @@ type scCell struct {
 // and the proxies alone), the proxies' wake-ups and the Go proxies'
 // reads+writes.
 type procSample struct {
-	cpu, proxyCPU time.Duration
-	wake          uint64
-	ops           uint64
+	cpu, proxyCPU, proxyUser time.Duration
+	wake                     uint64
+	ops                      uint64
 }
 
 func (a procSample) sub(b procSample) procSample {
-	return procSample{cpu: a.cpu - b.cpu, proxyCPU: a.proxyCPU - b.proxyCPU, wake: a.wake - b.wake, ops: a.ops - b.ops}
+	return procSample{cpu: a.cpu - b.cpu, proxyCPU: a.proxyCPU - b.proxyCPU, proxyUser: a.proxyUser - b.proxyUser,
+		wake: a.wake - b.wake, ops: a.ops - b.ops}
 }
 
 func (a procSample) add(b procSample) procSample {
-	return procSample{cpu: a.cpu + b.cpu, proxyCPU: a.proxyCPU + b.proxyCPU, wake: a.wake + b.wake, ops: a.ops + b.ops}
+	return procSample{cpu: a.cpu + b.cpu, proxyCPU: a.proxyCPU + b.proxyCPU, proxyUser: a.proxyUser + b.proxyUser,
+		wake: a.wake + b.wake, ops: a.ops + b.ops}
 }
 
 func (c *scCell) sample(ctx context.Context) (procSample, error) {
 	var s procSample
 	for _, cg := range c.path {
-		u, err := cgroupCPU(cg)
+		u, _, err := cgroupCPU(cg)
 		if err != nil {
 			return s, err
 		}
 		s.cpu += u
 	}
 	for _, px := range c.proxies {
-		u, err := cgroupCPU(px.cgroup)
+		u, user, err := cgroupCPU(px.cgroup)
 		if err != nil {
 			return s, err
 		}
 		s.proxyCPU += u
+		s.proxyUser += user
 		s.wake += voluntarySwitches(px.cmd.Process.Pid)
 		if px.kind == ProxyGo {
 			_, ops, err := px.bytesForwarded(ctx)
@@ -759,19 +762,33 @@ func (c *scCell) sample(ctx context.Context) (procSample, error) {
 	return s, nil
 }
 
-// cgroupCPU is a cgroup's usage_usec.
-func cgroupCPU(cg string) (time.Duration, error) {
+// cgroupCPU is a cgroup's CPU time (usage_usec) and its user part.
+func cgroupCPU(cg string) (usage, user time.Duration, err error) {
 	b, err := os.ReadFile(filepath.Join(cg, "cpu.stat"))
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
+	found := 0
 	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "usage_usec "); ok {
-			n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
-			return time.Duration(n) * time.Microsecond, err
+		name, v, _ := strings.Cut(l, " ")
+		if name != "usage_usec" && name != "user_usec" {
+			continue
+		}
+		n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+		if err != nil {
+			return 0, 0, fmt.Errorf("%s/cpu.stat: %s: %w", cg, name, err)
+		}
+		found++
+		if name == "usage_usec" {
+			usage = time.Duration(n) * time.Microsecond
+		} else {
+			user = time.Duration(n) * time.Microsecond
 		}
 	}
-	return 0, fmt.Errorf("%s/cpu.stat: no usage_usec", cg)
+	if found != 2 {
+		return 0, 0, fmt.Errorf("%s/cpu.stat: no usage_usec/user_usec", cg)
+	}
+	return usage, user, nil
 }
 
 // syscallsDuring counts the system calls the processes pids make while
@@ -1061,6 +1078,7 @@ func (r *sidecarRun) phase(ctx context.Context, topo int, w Workload) (_ []*Side
 				c.CPU = append(c.CPU, float64(a.d.cpu.Microseconds())/float64(a.runTx))
 				if len(cells[i].proxies) > 0 {
 					c.ProxyCPU = append(c.ProxyCPU, float64(a.d.proxyCPU.Microseconds())/float64(a.runTx))
+					c.ProxyUser = append(c.ProxyUser, float64(a.d.proxyUser.Microseconds())/float64(a.runTx))
 					c.Wakeups = append(c.Wakeups, float64(a.d.wake)/float64(a.runTx))
 				}
 				if c.Proxy == ProxyGo {

@@ -22,7 +22,7 @@ const benchUsage = `usage:
       new-connection rate (TCP_CRR style) direct vs Shunt socket LB vs kube-proxy iptables
   shuntctl bench update [--services 3000] [--backends 30] [--updates 200] [--seed 1] [--markdown]
       agent.UpdateService latency on a large state
-  shuntctl bench sidecar [--workloads rr1,rr4k,rr64k,stream] [--topologies 1,2] [--proxies haproxy,go]
+  shuntctl bench sidecar [--workloads rr1,rr4k,rr64k,stream,rr1x4] [--topologies 1,2] [--proxies haproxy,go]
                          [--reps 5] [--duration 1s] [--slice 250ms] [--warmup 250ms] [--cpu N|-1] [--quick] [--markdown]
       client → sidecar proxy (→ server's sidecar) → server: direct, Istio-style iptables REDIRECT,
       Shunt steering with sockmap off, auto and on; every byte verified, counters prove each path
