@@ -207,7 +207,7 @@ func (r *connectRun) setup() error {
 			return err
 		}
 		r.nsIno[ns] = inode(st)
-		if err := e.startServer(ns, srv, "--port", fmt.Sprint(BackendPort), "--threads", "2", "--cpu", fmt.Sprint(r.opts.CPU)); err != nil {
+		if err := e.startServer(ns, srv, "server", "--port", fmt.Sprint(BackendPort), "--threads", "2", "--cpu", fmt.Sprint(r.opts.CPU)); err != nil {
 			return err
 		}
 	}
@@ -288,7 +288,7 @@ func (r *connectRun) measure(ctx context.Context, n int) (row ConnectRow, err er
 		}
 	}()
 	for c, s := range setups {
-		if clients[c], err = r.e.startClient(configNames[c], s.ns, s.cgroup, "--addrs", s.addrs, "--cpu", fmt.Sprint(r.opts.CPU)); err != nil {
+		if clients[c], err = r.e.startClient(configNames[c]+" client", s.ns, s.cgroup, "--addrs", s.addrs, "--cpu", fmt.Sprint(r.opts.CPU)); err != nil {
 			return row, err
 		}
 		res, err := clients[c].run(ctx, r.opts.Warmup, 0)

@@ -1,6 +1,8 @@
 // Package bench holds Shunt's benchmark commands, run as
-// `shuntctl bench connect` and `shuntctl bench update` (root only, nothing
-// else needed but the shuntctl binary, iproute2, nsenter and iptables).
+// `shuntctl bench connect`, `shuntctl bench update` and `shuntctl bench
+// sidecar` (root only, nothing else needed but the shuntctl binary,
+// iproute2, nsenter and iptables; haproxy for the sidecar benchmark, perf
+// optionally).
 //
 // connect measures the new-connection rate (netperf TCP_CRR style: connect,
 // send 1 byte, read 1 byte back, close; one client loop, one stream) for
@@ -21,6 +23,23 @@
 // reported.
 //
 // update measures agent.UpdateService latency on a large state.
+//
+// sidecar measures a client app → sidecar proxy → server app chain, and
+// client → sidecar → the server pod's sidecar → server, with haproxy and a
+// Go proxy as the sidecar (uid 1337), over persistent connections
+// (request/response and stream, see Workload), for: direct (no proxy),
+// Istio-style iptables REDIRECT, and Shunt's connect4 steering with sockmap
+// off, auto and on (Shunt loaded in-process with agent.New, pods enrolled
+// with Agent.Apply). Pods are network namespaces wired to a node namespace
+// by veth pairs; every configuration and proxy has its own pods, so all of
+// them run interleaved in one process tree. Every received byte is
+// checked, and after each workload the counters must show the path each
+// configuration claims (Shunt's per-pod counters, iptables REDIRECT hits,
+// bytes forwarded by each proxy) or the run fails: a fast but wrong
+// configuration cannot win. Besides rates and latency percentiles it
+// reports what a transaction costs (CPU time of the path and of the
+// proxies, proxy wake-ups, proxy system calls counted with perf when
+// present), which is what bounds the gain.
 //
 // Everything created (network namespaces shuntbench-<pid>*, cgroups
 // <cgroup2>/shunt-bench-<pid>, bpffs /sys/fs/bpf/shunt-bench-<pid>, worker

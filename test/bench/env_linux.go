@@ -139,11 +139,21 @@ func run(stdin io.Reader, name string, args ...string) error {
 // cgroup from its first instruction). The caller must call release after
 // Start.
 func (e *env) command(netns, cgroup string, args ...string) (cmd *exec.Cmd, release func(), err error) {
+	return e.commandAs(netns, cgroup, -1, e.exe, append([]string{"bench", "worker"}, args...)...)
+}
+
+// commandAs prepares prog inside netns and cgroup as command does, running
+// as uid and gid uid (no supplementary groups) when uid ≥ 0.
+func (e *env) commandAs(netns, cgroup string, uid int, prog string, args ...string) (cmd *exec.Cmd, release func(), err error) {
 	fd, err := unix.Open(cgroup, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, nil, fmt.Errorf("open cgroup %s: %w", cgroup, err)
 	}
-	cmd = exec.Command("nsenter", append([]string{"--net=" + netns, "--", e.exe, "bench", "worker"}, args...)...)
+	ns := []string{"--net=" + netns}
+	if uid >= 0 {
+		ns = append(ns, "--setuid="+strconv.Itoa(uid), "--setgid="+strconv.Itoa(uid))
+	}
+	cmd = exec.Command("nsenter", append(append(ns, "--", prog), args...)...)
 	// Own process group: a Ctrl-C reaches only the benchmark, which then
 	// stops its workers itself. No async preemption signals: fewer EINTRs.
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd, Setpgid: true}
@@ -167,11 +177,12 @@ func (e *env) untrack(cmd *exec.Cmd) {
 	e.mu.Unlock()
 }
 
-// startServer starts a server worker and waits until it listens. It runs
+// startServer starts a server worker (args: the worker's name and flags)
+// and waits until it listens. It runs
 // until the env is closed (its stdin is a pipe from this process, so it
 // also ends if this process dies).
 func (e *env) startServer(netns, cgroup string, args ...string) error {
-	cmd, release, err := e.command(netns, cgroup, append([]string{"server"}, args...)...)
+	cmd, release, err := e.command(netns, cgroup, args...)
 	if err != nil {
 		return err
 	}
@@ -217,7 +228,8 @@ func (e *env) startServer(netns, cgroup string, args ...string) error {
 	return nil
 }
 
-// clientProc is a client worker in --control mode.
+// clientProc is a worker in --control mode: it takes one request per line
+// on standard input and answers each with one line on standard output.
 type clientProc struct {
 	e      *env
 	desc   string
@@ -229,7 +241,13 @@ type clientProc struct {
 
 // startClient starts a client worker that runs when told (clientProc.run).
 func (e *env) startClient(desc, netns, cgroup string, args ...string) (*clientProc, error) {
-	cmd, release, err := e.command(netns, cgroup, append([]string{"client", "--control"}, args...)...)
+	return e.startControlled(desc, netns, cgroup, -1, append([]string{"client", "--control"}, args...)...)
+}
+
+// startControlled starts the worker args (as uid if ≥ 0) in --control
+// style; desc names it in errors.
+func (e *env) startControlled(desc, netns, cgroup string, uid int, args ...string) (*clientProc, error) {
+	cmd, release, err := e.commandAs(netns, cgroup, uid, e.exe, append([]string{"bench", "worker"}, args...)...)
 	if err != nil {
 		return nil, err
 	}
@@ -253,21 +271,21 @@ func (e *env) startClient(desc, netns, cgroup string, args ...string) (*clientPr
 	release()
 	if err != nil {
 		e.untrack(cmd)
-		return nil, fmt.Errorf("start %s client: %w", desc, err)
+		return nil, fmt.Errorf("start %s: %w", desc, err)
 	}
 	return p, nil
 }
 
-// run makes the client run warm (unmeasured) then dur (measured).
-func (p *clientProc) run(ctx context.Context, warm, dur time.Duration) (ClientResult, error) {
-	var res ClientResult
+// request sends one line and returns the answer line; the worker is
+// stopped when it does not answer within timeout or ctx ends.
+func (p *clientProc) request(ctx context.Context, line string, timeout time.Duration) ([]byte, error) {
 	type reply struct {
 		line []byte
 		err  error
 	}
 	ch := make(chan reply, 1)
-	if _, err := fmt.Fprintf(p.stdin, "%s %s\n", warm, dur); err != nil {
-		return res, p.failed(err)
+	if _, err := fmt.Fprintln(p.stdin, line); err != nil {
+		return nil, p.failed(err)
 	}
 	go func() {
 		line, err := p.out.ReadBytes('\n')
@@ -279,28 +297,38 @@ func (p *clientProc) run(ctx context.Context, warm, dur time.Duration) (ClientRe
 	case <-ctx.Done():
 		p.e.stop(p.cmd)
 		<-ch
-		return res, ctx.Err()
-	case <-time.After(warm + dur + 30*time.Second):
+		return nil, ctx.Err()
+	case <-time.After(timeout):
 		p.e.stop(p.cmd)
 		<-ch
-		return res, fmt.Errorf("%s client: no result 30s after its run should have ended", p.desc)
+		return nil, fmt.Errorf("%s: no answer after %v", p.desc, timeout)
 	}
 	if rp.err != nil {
-		return res, p.failed(rp.err)
+		return nil, p.failed(rp.err)
 	}
-	if err := json.Unmarshal(rp.line, &res); err != nil {
-		return res, fmt.Errorf("%s client output %q: %w", p.desc, rp.line, err)
+	return rp.line, nil
+}
+
+// run makes the client run warm (unmeasured) then dur (measured).
+func (p *clientProc) run(ctx context.Context, warm, dur time.Duration) (ClientResult, error) {
+	var res ClientResult
+	line, err := p.request(ctx, fmt.Sprintf("%s %s", warm, dur), warm+dur+30*time.Second)
+	if err != nil {
+		return res, err
+	}
+	if err := json.Unmarshal(line, &res); err != nil {
+		return res, fmt.Errorf("%s output %q: %w", p.desc, line, err)
 	}
 	if res.Err != "" {
-		return res, fmt.Errorf("%s client: %s", p.desc, res.Err)
+		return res, fmt.Errorf("%s: %s", p.desc, res.Err)
 	}
 	return res, nil
 }
 
-// failed stops the client and describes how it ended.
+// failed stops the worker and describes how it ended.
 func (p *clientProc) failed(err error) error {
 	p.e.stop(p.cmd)
-	return fmt.Errorf("%s client: %v: %s", p.desc, err, strings.TrimSpace(p.stderr.String()))
+	return fmt.Errorf("%s: %v: %s", p.desc, err, strings.TrimSpace(p.stderr.String()))
 }
 
 // close ends the client: end of input, then a kill if it does not exit.

@@ -50,7 +50,7 @@ func (r ClientResult) Rate() float64 {
 // Worker runs a worker command and returns its exit code.
 func Worker(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		fmt.Fprintln(stderr, "bench worker: want client or server")
+		fmt.Fprintln(stderr, "bench worker: want client, server, echo, sclient or proxy")
 		return 2
 	}
 	var err error
@@ -59,6 +59,12 @@ func Worker(args []string, stdout, stderr io.Writer) int {
 		err = clientMain(args[1:], stdout)
 	case "server":
 		err = serverMain(args[1:], stdout)
+	case "echo":
+		err = echoMain(args[1:], stdout)
+	case "sclient":
+		err = sclientMain(args[1:], stdout)
+	case "proxy":
+		err = proxyMain(args[1:], stdout)
 	default:
 		err = fmt.Errorf("unknown worker %q", args[0])
 	}

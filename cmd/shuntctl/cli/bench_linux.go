@@ -22,8 +22,13 @@ const benchUsage = `usage:
       new-connection rate (TCP_CRR style) direct vs Shunt socket LB vs kube-proxy iptables
   shuntctl bench update [--services 3000] [--backends 30] [--updates 200] [--seed 1] [--markdown]
       agent.UpdateService latency on a large state
+  shuntctl bench sidecar [--workloads rr1,rr4k,rr64k,stream,rr1x4] [--topologies 1,2] [--proxies haproxy,go]
+                         [--reps 5] [--duration 1s] [--slice 250ms] [--warmup 250ms] [--cpu N|-1] [--quick] [--markdown]
+      client → sidecar proxy (→ server's sidecar) → server: direct, Istio-style iptables REDIRECT,
+      Shunt steering with sockmap off, auto and on; every byte verified, counters prove each path
+      (workloads: rr<size>[x<conns>] request/response, stream[<size>]; sizes take a k suffix)
 
-Both need root and remove everything they create (network namespaces
+All need root and remove everything they create (network namespaces
 shuntbench-*, cgroups and bpffs folders shunt-bench-*), also on Ctrl-C.
 Progress goes to stderr, the report to stdout.
 `
@@ -33,7 +38,7 @@ Progress goes to stderr, the report to stdout.
 func benchCmd(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, benchUsage)
-		return errors.New("bench: want connect or update")
+		return errors.New("bench: want connect, update or sidecar")
 	}
 	switch args[0] {
 	case "worker":
@@ -45,11 +50,13 @@ func benchCmd(args []string, stdout, stderr io.Writer) error {
 		return benchConnect(args[1:], stdout, stderr)
 	case "update":
 		return benchUpdate(args[1:], stdout, stderr)
+	case "sidecar":
+		return benchSidecar(args[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, benchUsage)
 		return nil
 	}
-	return fmt.Errorf("bench %s: unknown subcommand (want connect or update)", args[0])
+	return fmt.Errorf("bench %s: unknown subcommand (want connect, update or sidecar)", args[0])
 }
 
 func benchFlags(name string, stderr io.Writer) *flag.FlagSet {
@@ -129,4 +136,37 @@ func benchUpdate(args []string, stdout, stderr io.Writer) error {
 	defer stop()
 	return interrupted(ctx, bench.RunUpdate(ctx, bench.UpdateOptions{Services: *services, Backends: *backends, Updates: *updates,
 		Seed: *seed, Markdown: *md, Log: stderr}, stdout))
+}
+
+func benchSidecar(args []string, stdout, stderr io.Writer) error {
+	fs := benchFlags("sidecar", stderr)
+	workloads := fs.String("workloads", strings.Join(bench.DefaultWorkloads, ","), "workloads, comma-separated")
+	topologies := fs.String("topologies", "1,2", "1: client → sidecar → server; 2: client → sidecar → sidecar → server")
+	proxies := fs.String("proxies", "haproxy,go", "sidecar proxies, comma-separated")
+	reps := fs.Int("reps", 0, "repetitions per configuration (default 5; --quick: 1)")
+	dur := fs.Duration("duration", 0, "measured time per configuration and repetition (default 1s; --quick: 150ms)")
+	slice := fs.Duration("slice", 0, "interleaving slice within a repetition (default 250ms)")
+	warm := fs.Duration("warmup", 0, "unmeasured warm-up of each client (default 250ms)")
+	cpu := fs.Int("cpu", runtime.NumCPU()-1, "CPU for every process of the benchmark (-1: not pinned)")
+	quick := fs.Bool("quick", false, "one short repetition: checks every path, numbers mean little")
+	md := fs.Bool("markdown", false, "print only the Markdown tables")
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("bench sidecar: %w", err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("bench sidecar: unexpected argument %q", fs.Arg(0))
+	}
+	var topos []int
+	for _, t := range splitList(*topologies) {
+		n, err := strconv.Atoi(t)
+		if err != nil {
+			return fmt.Errorf("bench sidecar: --topologies: %q is not a number", t)
+		}
+		topos = append(topos, n)
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	return interrupted(ctx, bench.RunSidecar(ctx, bench.SidecarOptions{Workloads: splitList(*workloads), Topologies: topos,
+		Proxies: splitList(*proxies), Reps: *reps, Duration: *dur, Slice: *slice, Warmup: *warm, CPU: *cpu, Quick: *quick,
+		Markdown: *md, Log: stderr}, stdout))
 }
