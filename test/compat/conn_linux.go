@@ -50,6 +50,16 @@ func (e *epollConn) Wake()        { _ = e.c.SetDeadline(time.Now()) }
 
 // ---- raw file descriptor ----
 
+// rcvlowatTimeout is the IORcvlowat style's SO_RCVTIMEO. Plain TCP has a
+// wakeup gap with SO_RCVLOWAT and blocking reads: a read that copied part
+// of the low-water mark and then sleeps is only woken when a whole
+// low-water mark of new data is queued (tcp_data_ready compares the bytes
+// not yet copied with sk_rcvlowat), so when the sender has nothing more to
+// send the read never returns. An application with a receive timeout gets
+// its data when the timeout wakes the read; the style's reader does the
+// same and counts such reads (ConnResult.RcvlowatTimeouts).
+const rcvlowatTimeout = time.Second
+
 const (
 	rcvlowatMax = 16 << 10
 	pipeChunk   = 64 << 10 // default pipe capacity
@@ -69,7 +79,9 @@ type rawConn struct {
 	peekBuf      []byte
 	lowat        int
 	pipeR, pipeW int // IOSplice
+	lowatRescued int64
 	memfd        int // IOSendfile
+	fileEnd      int64
 	// IONonblock writer: payload bytes accepted, and how many before the
 	// first EAGAIN (-1: none yet).
 	written      atomic.Int64
@@ -98,6 +110,11 @@ func newRawConn(fd int, io, signals string, eintr *atomic.Int64, progress func()
 		c.memfd = fd
 	case IOPeek:
 		c.peekBuf = make([]byte, 256<<10)
+	case IORcvlowat:
+		tv := unix.NsecToTimeval(rcvlowatTimeout.Nanoseconds())
+		if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
+			return nil, err
+		}
 	}
 	return c, nil
 }
@@ -192,11 +209,25 @@ func (c *rawConn) read(p []byte) (int, error) {
 			}
 			c.lowat = want
 		}
-		n, err := c.sysRead(c.fd, p, "read")
-		if err == nil && n > 0 && n < want {
-			return n, anomaly(fmt.Sprintf("read returned %d bytes, below SO_RCVLOWAT %d", n, want))
+		for {
+			start := time.Now()
+			n, err := unix.Read(c.fd, p)
+			timedOut := time.Since(start) >= rcvlowatTimeout*9/10
+			switch {
+			case errors.Is(err, unix.EAGAIN) && timedOut:
+				continue // SO_RCVTIMEO with nothing read: the watchdog bounds it
+			case err != nil:
+				if retry, err := c.again("read", err); !retry {
+					return 0, err
+				}
+				continue
+			case n > 0 && n < want:
+				return n, anomaly(fmt.Sprintf("read returned %d bytes, below SO_RCVLOWAT %d", n, want))
+			case n > 0 && timedOut:
+				c.lowatRescued++ // the data was there; only the timeout woke the read
+			}
+			return n, nil
 		}
-		return n, err
 	case IOSplice:
 		n, err := c.spliceIn(min(len(p), pipeChunk))
 		if err != nil || n == 0 {
@@ -302,12 +333,16 @@ func (c *rawConn) Write(p []byte) error {
 		}
 		return nil
 	case IOSendfile:
-		if _, err := unix.Pwrite(c.memfd, p, 0); err != nil {
+		// The stream is appended to the file, never overwritten: sendfile
+		// queues references to the file's pages, which must not change
+		// until the receiver has read them.
+		off := c.fileEnd
+		if _, err := unix.Pwrite(c.memfd, p, off); err != nil {
 			return fmt.Errorf("pwrite(memfd): %w", err)
 		}
-		var off int64
-		for off < int64(len(p)) {
-			m, err := unix.Sendfile(c.fd, c.memfd, &off, len(p)-int(off))
+		c.fileEnd += int64(len(p))
+		for off < c.fileEnd {
+			m, err := unix.Sendfile(c.fd, c.memfd, &off, int(c.fileEnd-off))
 			if err != nil {
 				if retry, err := c.again("sendfile", err); !retry {
 					return err

@@ -60,8 +60,11 @@ type ConnResult struct {
 	// Buffered: IONonblock writers facing a sleeping reader, the payload
 	// bytes accepted during the first 3/4 of the reader's sleep: all of
 	// them wait in buffers (kernel, proxies) for the reader.
-	Buffered int64         `json:"buffered,omitempty"`
-	Elapsed  time.Duration `json:"elapsed"`
+	Buffered int64 `json:"buffered,omitempty"`
+	// RcvlowatTimeouts: IORcvlowat reads woken only by their receive
+	// timeout while the data was queued (see rcvlowatTimeout).
+	RcvlowatTimeouts int64         `json:"rcvlowat_timeouts,omitempty"`
+	Elapsed          time.Duration `json:"elapsed"`
 }
 
 const (
@@ -169,6 +172,9 @@ func (e *endpoint) finish(err error) {
 	} else {
 		r.SHA256Sent, r.SHA256Received = hex.EncodeToString(e.hs.Sum(nil)), hex.EncodeToString(e.hr.Sum(nil))
 		r.EndedBy = e.endedBy
+		if e.raw != nil {
+			r.RcvlowatTimeouts = e.raw.lowatRescued
+		}
 		if e.raw != nil && e.side.IO == IONonblock {
 			r.BlockedAfter = e.raw.blockedAfter
 			r.Buffered = e.buffered.Load()

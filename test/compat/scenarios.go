@@ -25,7 +25,7 @@ func (s Scenario) conns() int { return max(s.Conns, 1) }
 const (
 	// BackpressureSleep is how long a back-pressure scenario's reader
 	// sleeps before reading.
-	BackpressureSleep = 2 * time.Second
+	BackpressureSleep = 4 * time.Second
 	// BackpressureSlack is added to the buffering limit, and the writer
 	// sends BackpressureSlack more than the limit.
 	BackpressureSlack = 16 << 20
@@ -76,8 +76,8 @@ var styles = []struct {
 //     in that style, must get ECONNRESET or EOF, promptly, after a prefix
 //     of the stream.
 //   - backpressure/<end>: <end> writes nonblocking while the other end
-//     sleeps 2 s before reading: the writer must get EAGAIN, and what it
-//     got accepted during 1.5 s of that sleep must fit in the path's TCP
+//     sleeps 4 s before reading: the writer must get EAGAIN, and what it
+//     got accepted during 3 s of that sleep must fit in the path's TCP
 //     buffers (see BackpressureLimit; 16 MiB more than that is sent).
 //   - sizes-1B-8MiB (heavy): 12 rounds of 1 B…8 MiB messages both ways.
 //   - duplex-8MiB (heavy): both ends send 8 MiB at once.
