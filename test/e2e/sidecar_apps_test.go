@@ -129,14 +129,26 @@ func askApp(args []string) int {
 	target := fs.String("target", "", "address to connect to")
 	n := fs.Int("bytes", 1<<20, "bytes to send and expect back")
 	dur := fs.Duration("duration", 0, "send for this long instead (64 KiB chunks, 1 ms apart)")
+	until := fs.String("until", "", "with --duration: stop early once this file exists")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
+	untilFile = *until
 	if err := ask(*target, *n, *dur); err != nil {
 		fmt.Println("ERROR", err)
 		return 1
 	}
 	return 0
+}
+
+var untilFile string
+
+func stopRequested() bool {
+	if untilFile == "" {
+		return false
+	}
+	_, err := os.Stat(untilFile)
+	return err == nil
 }
 
 func ask(target string, n int, dur time.Duration) error {
@@ -168,7 +180,7 @@ func ask(target string, n int, dur time.Duration) error {
 				return tc.CloseWrite()
 			}
 			chunk := make([]byte, 64<<10)
-			for end := time.Now().Add(dur); time.Now().Before(end); {
+			for end := time.Now().Add(dur); time.Now().Before(end) && !stopRequested(); {
 				rand.Read(chunk)
 				sent.Write(chunk)
 				total += int64(len(chunk))

@@ -3,6 +3,8 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -279,14 +281,17 @@ func TestSidecarAcceleratedSurviveAgentRestart(t *testing.T) {
 	a := newAgent(t, env, fmt.Sprintf("pods:\n- name: a/client\n  netns: %s\n  sidecar: {}\n- name: b/server\n  netns: %s\n  sidecar: {}\n",
 		client.NetNSPath(), server.NetNSPath()))
 	startOrigDst(t, server, "0.0.0.0:15006")
-	// A stream through the accelerated path: ask sends for 4 s and checks
-	// the echo while the agent is killed and restarted.
+	// A stream through the accelerated path: ask sends until told to stop
+	// (after the restart) and checks the echo.
+	dir := t.TempDir()
+	os.Chmod(dir, 0o755) // the stream runs as the sidecar's uid
+	stop := filepath.Join(dir, "stop")
 	done := make(chan error, 1)
 	var out []byte
 	go func() {
 		var err error
 		out, err = client.Run(harness.ProcOpts{UID: 1337, GID: 1337, SetUser: true, Timeout: 2 * time.Minute},
-			"ask", "--target", server.IPv4().String()+":8080", "--duration", "4s")
+			"ask", "--target", server.IPv4().String()+":8080", "--duration", "90s", "--until", stop)
 		done <- err
 	}()
 	deadline := time.Now().Add(30 * time.Second)
@@ -302,6 +307,11 @@ func TestSidecarAcceleratedSurviveAgentRestart(t *testing.T) {
 	case err := <-done:
 		t.Fatalf("the stream ended before the agent was back (%v): the restart was not exercised", err)
 	default:
+	}
+	// Keep streaming a little through the new agent's programs, then stop.
+	time.Sleep(200 * time.Millisecond)
+	if err := os.WriteFile(stop, nil, 0o644); err != nil {
+		t.Fatal(err)
 	}
 	if err := <-done; err != nil {
 		t.Fatalf("stream across the restart: %v: %s", err, out)
