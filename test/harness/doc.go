@@ -49,6 +49,17 @@
 // serve, connect, stream, info, pause (see apps_linux.go); RegisterApp adds
 // more.
 //
+// # Sidecars
+//
+// Pod.StartSidecar runs the sidecar app (sidecar_linux.go), a transparent
+// TCP proxy in Envoy's role, as uid/gid 1337: outbound 127.0.0.1:15001 and
+// [::1]:15001 forward to the SO_ORIGINAL_DST destination, inbound 15006 to
+// 127.0.0.1/::1 at the original port; read/write relays (Go netpoller or
+// blocking syscalls), half-close and reset propagation, counters on
+// SIGUSR1 (Sidecar.Stats). Pod.StartHAProxySidecar runs Debian's haproxy
+// in the same role (HAProxySidecarConfig; IPv4 only). Pod.RedirectToSidecar
+// installs Istio's iptables REDIRECT rules (IstioRules) in the pod.
+//
 // # Cleanup and leaks
 //
 // Everything is removed by t.Cleanup in reverse order, also when the test
