@@ -754,12 +754,13 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, const stru
 		syn = (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 		rst = p->tcp_flags & TCP_FLAG_RST;
 	}
-	hash = hash_of(p, cfg->seed);
 	hit = syn ? 0 : bpf_map_lookup_elem(&lb_ct, &p->flow);
 	if (hit) {
 		ct = *hit;
+		hash = ct.hash;
 		stat_inc(XLB_EV_CT_HIT);
 	} else {
+		hash = hash_of(p, cfg->seed);
 		if (pick(svc, hash, &ct)) {
 			struct xlb_svc_stats *s = bpf_map_lookup_elem(&lb_svc_stats, &svc->id);
 
@@ -768,6 +769,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, const stru
 			return verdict(XLB_DROP_NO_BACKEND, XDP_DROP);
 		}
 		ct.action = action_for(svc, p->flow.proto);
+		ct.hash = hash;
 		fresh = 1;
 		stat_inc(XLB_EV_CT_NEW);
 		if (p->flow.proto == IPPROTO_TCP && !syn)
@@ -904,12 +906,13 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	flow.dport = esport;
 	flow.proto = eproto;
 	flow.family = p->flow.family;
-	ports = (__u32)edport | (__u32)esport << 16;
-	hash = flow_hash(flow.src, flow.dst, ports, eproto, flow.family == XLB_AF_INET, cfg->seed);
 	hit = bpf_map_lookup_elem(&lb_ct, &flow);
 	if (hit) {
 		ct = *hit;
+		hash = ct.hash;
 	} else {
+		ports = (__u32)edport | (__u32)esport << 16;
+		hash = flow_hash(flow.src, flow.dst, ports, eproto, flow.family == XLB_AF_INET, cfg->seed);
 		if (pick(svc, hash, &ct))
 			return verdict(XLB_PASS_ICMP, XDP_PASS);
 		ct.action = action_for(svc, eproto);

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/shuntmesh/shunt/test/bench"
 )
@@ -22,9 +23,13 @@ const benchUsage = `usage:
       new-connection rate (TCP_CRR style) direct vs Shunt socket LB vs kube-proxy iptables
   shuntctl bench update [--services 3000] [--backends 30] [--updates 200] [--seed 1] [--markdown]
       agent.UpdateService latency on a large state
+  shuntctl bench xdp [--reps 5] [--calls 20000] [--flows 100000] [--duration 2s] [--cpu N] [--no-throughput] [--markdown]
+      XDP load balancer: ns/packet via BPF_PROG_TEST_RUN (hot flow, new flow, many flows;
+      per-CPU vs shared LRU), Mpps through veth vs kernel forwarding + iptables DNAT
 
-Both need root and remove everything they create (network namespaces
-shuntbench-*, cgroups and bpffs folders shunt-bench-*), also on Ctrl-C.
+All need root and remove everything they create (network namespaces
+shuntbench-* and shuntxdp-*, cgroups and bpffs folders shunt-bench-* and
+shuntxdp-bench-*), also on Ctrl-C.
 Progress goes to stderr, the report to stdout.
 `
 
@@ -33,7 +38,7 @@ Progress goes to stderr, the report to stdout.
 func benchCmd(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, benchUsage)
-		return errors.New("bench: want connect or update")
+		return errors.New("bench: want connect, update or xdp")
 	}
 	switch args[0] {
 	case "worker":
@@ -45,11 +50,13 @@ func benchCmd(args []string, stdout, stderr io.Writer) error {
 		return benchConnect(args[1:], stdout, stderr)
 	case "update":
 		return benchUpdate(args[1:], stdout, stderr)
+	case "xdp":
+		return benchXDP(args[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, benchUsage)
 		return nil
 	}
-	return fmt.Errorf("bench %s: unknown subcommand (want connect or update)", args[0])
+	return fmt.Errorf("bench %s: unknown subcommand (want connect, update or xdp)", args[0])
 }
 
 func benchFlags(name string, stderr io.Writer) *flag.FlagSet {
@@ -129,4 +136,25 @@ func benchUpdate(args []string, stdout, stderr io.Writer) error {
 	defer stop()
 	return interrupted(ctx, bench.RunUpdate(ctx, bench.UpdateOptions{Services: *services, Backends: *backends, Updates: *updates,
 		Seed: *seed, Markdown: *md, Log: stderr}, stdout))
+}
+
+func benchXDP(args []string, stdout, stderr io.Writer) error {
+	fs := benchFlags("xdp", stderr)
+	reps := fs.Int("reps", 5, "interleaved repetitions")
+	calls := fs.Int("calls", 20000, "test runs per scenario and repetition")
+	flows := fs.Int("flows", 100000, "established flows of the many-flows scenario")
+	dur := fs.Duration("duration", 2*time.Second, "each throughput measurement")
+	cpu := fs.Int("cpu", runtime.NumCPU()-1, "CPU of the single-threaded runs and of the generator")
+	noTput := fs.Bool("no-throughput", false, "skip the veth throughput part")
+	md := fs.Bool("markdown", false, "print only the Markdown tables")
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("bench xdp: %w", err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("bench xdp: unexpected argument %q", fs.Arg(0))
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	return interrupted(ctx, bench.RunXDP(ctx, bench.XDPOptions{Reps: *reps, Calls: *calls, Flows: *flows, Duration: *dur, CPU: *cpu,
+		SkipThroughput: *noTput, Markdown: *md, Log: stderr}, stdout))
 }
