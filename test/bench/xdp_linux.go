@@ -280,8 +280,14 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 			var va, vb float64
 			var ea, eb error
 			wg.Add(2)
-			go func() { defer wg.Done(); va, ea = perPacket(lbs[k].Program(), o.CPU, o.Calls, func(i int) []byte { return a[i] }) }()
-			go func() { defer wg.Done(); vb, eb = perPacket(lbs[k].Program(), other, o.Calls, func(i int) []byte { return b[i] }) }()
+			go func() {
+				defer wg.Done()
+				va, ea = perPacket(lbs[k].Program(), o.CPU, o.Calls, func(i int) []byte { return a[i] })
+			}()
+			go func() {
+				defer wg.Done()
+				vb, eb = perPacket(lbs[k].Program(), other, o.Calls, func(i int) []byte { return b[i] })
+			}()
 			wg.Wait()
 			if err := errors.Join(ea, eb); err != nil {
 				return err
