@@ -924,7 +924,11 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	return encap_ipip(ctx, p, cfg, &ct.be, hash, XLB_TX_ICMP);
 }
 
-static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p)
+/* LB_CONTINUE: parsed a TCP/UDP packet, go on with lb_l4 (a single call
+ * site keeps one copy of the forwarding code in the program). */
+#define LB_CONTINUE -1
+
+static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *ttl)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -958,7 +962,8 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p)
 		p->flow.sport = th->source;
 		p->flow.dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
-		return lb_l4(ctx, p, ip->ttl);
+		*ttl = ip->ttl;
+		return LB_CONTINUE;
 	}
 	if (ip->protocol == IPPROTO_UDP) {
 		struct udphdr *uh = (void *)(ip + 1);
@@ -968,7 +973,8 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p)
 		p->ports = *(__u32 *)uh;
 		p->flow.sport = uh->source;
 		p->flow.dport = uh->dest;
-		return lb_l4(ctx, p, ip->ttl);
+		*ttl = ip->ttl;
+		return LB_CONTINUE;
 	}
 	if (ip->protocol == IPPROTO_ICMP) {
 		struct icmphdr_ *ic = (void *)(ip + 1);
@@ -1010,7 +1016,7 @@ static __always_inline int is_ext_header(__u8 nh)
 	return 0;
 }
 
-static __always_inline int handle_v6(struct xdp_md *ctx, struct pkt *p)
+static __always_inline int handle_v6(struct xdp_md *ctx, struct pkt *p, __u8 *ttl)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -1044,7 +1050,8 @@ static __always_inline int handle_v6(struct xdp_md *ctx, struct pkt *p)
 		p->flow.sport = th->source;
 		p->flow.dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
-		return lb_l4(ctx, p, ip6->hop_limit);
+		*ttl = ip6->hop_limit;
+		return LB_CONTINUE;
 	}
 	if (ip6->nexthdr == IPPROTO_UDP) {
 		struct udphdr *uh = (void *)(ip6 + 1);
@@ -1054,7 +1061,8 @@ static __always_inline int handle_v6(struct xdp_md *ctx, struct pkt *p)
 		p->ports = *(__u32 *)uh;
 		p->flow.sport = uh->source;
 		p->flow.dport = uh->dest;
-		return lb_l4(ctx, p, ip6->hop_limit);
+		*ttl = ip6->hop_limit;
+		return LB_CONTINUE;
 	}
 	if (ip6->nexthdr == IPPROTO_ICMPV6) {
 		struct icmp6hdr *ic = (void *)(ip6 + 1);
@@ -1085,6 +1093,8 @@ int xdplb(struct xdp_md *ctx)
 	struct ethhdr *eth = data;
 	struct pkt p = {};
 	__be16 proto;
+	__u8 ttl = 0;
+	int ret;
 
 	if ((void *)(eth + 1) > end)
 		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
@@ -1099,10 +1109,14 @@ int xdplb(struct xdp_md *ctx)
 		p.vlan = 1;
 	}
 	if (proto == bpf_htons(ETH_P_IP))
-		return handle_v4(ctx, &p);
-	if (proto == bpf_htons(ETH_P_IPV6))
-		return handle_v6(ctx, &p);
-	return verdict(XLB_PASS_NOT_IP, XDP_PASS);
+		ret = handle_v4(ctx, &p, &ttl);
+	else if (proto == bpf_htons(ETH_P_IPV6))
+		ret = handle_v6(ctx, &p, &ttl);
+	else
+		return verdict(XLB_PASS_NOT_IP, XDP_PASS);
+	if (ret != LB_CONTINUE)
+		return ret;
+	return lb_l4(ctx, &p, ttl);
 }
 
 /* xdp_pass is attached to the peer of a veth the load balancer runs on:
