@@ -23,3 +23,6 @@ const LayoutVersion = uint32(SockmeshShuntLayoutSHUNT_LAYOUT_VERSION)
 // XDPLayoutVersion is XLB_LAYOUT_VERSION from lib/xdplb.h: the version of
 // the pinned map layout of xdplb and dsr.
 const XDPLayoutVersion = uint32(XdplbXlbLayoutXLB_LAYOUT_VERSION)
+
+// xdpbench: generator and sink programs of `shuntctl bench xdp`.
+//go:generate go tool bpf2go -cc clang-19 -strip llvm-strip-19 -target bpfel -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -type bench_frame Xdpbench xdpbench.c

@@ -754,12 +754,13 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, const stru
 		syn = (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 		rst = p->tcp_flags & TCP_FLAG_RST;
 	}
-	hash = hash_of(p, cfg->seed);
 	hit = syn ? 0 : bpf_map_lookup_elem(&lb_ct, &p->flow);
 	if (hit) {
 		ct = *hit;
+		hash = ct.hash;
 		stat_inc(XLB_EV_CT_HIT);
 	} else {
+		hash = hash_of(p, cfg->seed);
 		if (pick(svc, hash, &ct)) {
 			struct xlb_svc_stats *s = bpf_map_lookup_elem(&lb_svc_stats, &svc->id);
 
@@ -768,6 +769,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, const stru
 			return verdict(XLB_DROP_NO_BACKEND, XDP_DROP);
 		}
 		ct.action = action_for(svc, p->flow.proto);
+		ct.hash = hash;
 		fresh = 1;
 		stat_inc(XLB_EV_CT_NEW);
 		if (p->flow.proto == IPPROTO_TCP && !syn)
@@ -904,12 +906,13 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	flow.dport = esport;
 	flow.proto = eproto;
 	flow.family = p->flow.family;
-	ports = (__u32)edport | (__u32)esport << 16;
-	hash = flow_hash(flow.src, flow.dst, ports, eproto, flow.family == XLB_AF_INET, cfg->seed);
 	hit = bpf_map_lookup_elem(&lb_ct, &flow);
 	if (hit) {
 		ct = *hit;
+		hash = ct.hash;
 	} else {
+		ports = (__u32)edport | (__u32)esport << 16;
+		hash = flow_hash(flow.src, flow.dst, ports, eproto, flow.family == XLB_AF_INET, cfg->seed);
 		if (pick(svc, hash, &ct))
 			return verdict(XLB_PASS_ICMP, XDP_PASS);
 		ct.action = action_for(svc, eproto);
@@ -921,7 +924,11 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	return encap_ipip(ctx, p, cfg, &ct.be, hash, XLB_TX_ICMP);
 }
 
-static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p)
+/* LB_CONTINUE: parsed a TCP/UDP packet, go on with lb_l4 (a single call
+ * site keeps one copy of the forwarding code in the program). */
+#define LB_CONTINUE -1
+
+static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *ttl)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -955,7 +962,8 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p)
 		p->flow.sport = th->source;
 		p->flow.dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
-		return lb_l4(ctx, p, ip->ttl);
+		*ttl = ip->ttl;
+		return LB_CONTINUE;
 	}
 	if (ip->protocol == IPPROTO_UDP) {
 		struct udphdr *uh = (void *)(ip + 1);
@@ -965,7 +973,8 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p)
 		p->ports = *(__u32 *)uh;
 		p->flow.sport = uh->source;
 		p->flow.dport = uh->dest;
-		return lb_l4(ctx, p, ip->ttl);
+		*ttl = ip->ttl;
+		return LB_CONTINUE;
 	}
 	if (ip->protocol == IPPROTO_ICMP) {
 		struct icmphdr_ *ic = (void *)(ip + 1);
@@ -1007,7 +1016,7 @@ static __always_inline int is_ext_header(__u8 nh)
 	return 0;
 }
 
-static __always_inline int handle_v6(struct xdp_md *ctx, struct pkt *p)
+static __always_inline int handle_v6(struct xdp_md *ctx, struct pkt *p, __u8 *ttl)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -1041,7 +1050,8 @@ static __always_inline int handle_v6(struct xdp_md *ctx, struct pkt *p)
 		p->flow.sport = th->source;
 		p->flow.dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
-		return lb_l4(ctx, p, ip6->hop_limit);
+		*ttl = ip6->hop_limit;
+		return LB_CONTINUE;
 	}
 	if (ip6->nexthdr == IPPROTO_UDP) {
 		struct udphdr *uh = (void *)(ip6 + 1);
@@ -1051,7 +1061,8 @@ static __always_inline int handle_v6(struct xdp_md *ctx, struct pkt *p)
 		p->ports = *(__u32 *)uh;
 		p->flow.sport = uh->source;
 		p->flow.dport = uh->dest;
-		return lb_l4(ctx, p, ip6->hop_limit);
+		*ttl = ip6->hop_limit;
+		return LB_CONTINUE;
 	}
 	if (ip6->nexthdr == IPPROTO_ICMPV6) {
 		struct icmp6hdr *ic = (void *)(ip6 + 1);
@@ -1082,6 +1093,8 @@ int xdplb(struct xdp_md *ctx)
 	struct ethhdr *eth = data;
 	struct pkt p = {};
 	__be16 proto;
+	__u8 ttl = 0;
+	int ret;
 
 	if ((void *)(eth + 1) > end)
 		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
@@ -1096,10 +1109,14 @@ int xdplb(struct xdp_md *ctx)
 		p.vlan = 1;
 	}
 	if (proto == bpf_htons(ETH_P_IP))
-		return handle_v4(ctx, &p);
-	if (proto == bpf_htons(ETH_P_IPV6))
-		return handle_v6(ctx, &p);
-	return verdict(XLB_PASS_NOT_IP, XDP_PASS);
+		ret = handle_v4(ctx, &p, &ttl);
+	else if (proto == bpf_htons(ETH_P_IPV6))
+		ret = handle_v6(ctx, &p, &ttl);
+	else
+		return verdict(XLB_PASS_NOT_IP, XDP_PASS);
+	if (ret != LB_CONTINUE)
+		return ret;
+	return lb_l4(ctx, &p, ttl);
 }
 
 /* xdp_pass is attached to the peer of a veth the load balancer runs on:

@@ -56,7 +56,7 @@ type XdplbXlbCt struct {
 	SnatPort uint16
 	Action   uint8
 	Pad      uint8
-	Pad2     uint32
+	Hash     uint32
 }
 
 type XdplbXlbDispatch uint32

@@ -116,7 +116,7 @@ struct xlb_ct {
 	__u16 snat_port; /* SNAT: the node port of this flow (network order) */
 	__u8 action;     /* enum xlb_action */
 	__u8 pad;
-	__u32 pad2;
+	__u32 hash;      /* the flow hash: not recomputed for established flows */
 };
 
 /* lb_snat key: a reply from a backend to the node address, as it arrives. */

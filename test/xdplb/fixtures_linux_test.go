@@ -347,7 +347,9 @@ func TestFixtures(t *testing.T) {
 	svcs := fixtureServices()
 	d := newLB(t, svcs)
 	m := newModel(t, svcs)
-	for _, f := range fixtures(t, m) {
+	fs := fixtures(t, m)
+	t.Logf("%d fixtures", len(fs))
+	for _, f := range fs {
 		beforeStats := readStats(t, d)
 		beforeSvc, err := d.ServiceCounters()
 		if err != nil {

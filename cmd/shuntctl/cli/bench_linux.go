@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/shuntmesh/shunt/test/bench"
 )
@@ -28,8 +29,13 @@ const benchUsage = `usage:
       Shunt steering with sockmap off, auto and on; every byte verified, counters prove each path
       (workloads: rr<size>[x<conns>] request/response, stream[<size>]; sizes take a k suffix)
 
+  shuntctl bench xdp [--reps 5] [--calls 20000] [--flows 100000] [--duration 2s] [--cpu N] [--no-throughput] [--markdown]
+      XDP load balancer: ns/packet via BPF_PROG_TEST_RUN (hot flow, new flow, many flows;
+      per-CPU vs shared LRU), Mpps through veth vs kernel forwarding + iptables DNAT
+
 All need root and remove everything they create (network namespaces
-shuntbench-*, cgroups and bpffs folders shunt-bench-*), also on Ctrl-C.
+shuntbench-* and shuntxdp-*, cgroups and bpffs folders shunt-bench-* and
+shuntxdp-bench-*), also on Ctrl-C.
 Progress goes to stderr, the report to stdout.
 `
 
@@ -38,7 +44,7 @@ Progress goes to stderr, the report to stdout.
 func benchCmd(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, benchUsage)
-		return errors.New("bench: want connect, update or sidecar")
+		return errors.New("bench: want connect, update, sidecar or xdp")
 	}
 	switch args[0] {
 	case "worker":
@@ -52,11 +58,13 @@ func benchCmd(args []string, stdout, stderr io.Writer) error {
 		return benchUpdate(args[1:], stdout, stderr)
 	case "sidecar":
 		return benchSidecar(args[1:], stdout, stderr)
+	case "xdp":
+		return benchXDP(args[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, benchUsage)
 		return nil
 	}
-	return fmt.Errorf("bench %s: unknown subcommand (want connect, update or sidecar)", args[0])
+	return fmt.Errorf("bench %s: unknown subcommand (want connect, update, sidecar or xdp)", args[0])
 }
 
 func benchFlags(name string, stderr io.Writer) *flag.FlagSet {
@@ -169,4 +177,23 @@ func benchSidecar(args []string, stdout, stderr io.Writer) error {
 	return interrupted(ctx, bench.RunSidecar(ctx, bench.SidecarOptions{Workloads: splitList(*workloads), Topologies: topos,
 		Proxies: splitList(*proxies), Reps: *reps, Duration: *dur, Slice: *slice, Warmup: *warm, CPU: *cpu, Quick: *quick,
 		Markdown: *md, Log: stderr}, stdout))
+func benchXDP(args []string, stdout, stderr io.Writer) error {
+	fs := benchFlags("xdp", stderr)
+	reps := fs.Int("reps", 5, "interleaved repetitions")
+	calls := fs.Int("calls", 20000, "test runs per scenario and repetition")
+	flows := fs.Int("flows", 100000, "established flows of the many-flows scenario")
+	dur := fs.Duration("duration", 2*time.Second, "each throughput measurement")
+	cpu := fs.Int("cpu", runtime.NumCPU()-1, "CPU of the single-threaded runs and of the generator")
+	noTput := fs.Bool("no-throughput", false, "skip the veth throughput part")
+	md := fs.Bool("markdown", false, "print only the Markdown tables")
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("bench xdp: %w", err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("bench xdp: unexpected argument %q", fs.Arg(0))
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	return interrupted(ctx, bench.RunXDP(ctx, bench.XDPOptions{Reps: *reps, Calls: *calls, Flows: *flows, Duration: *dur, CPU: *cpu,
+		SkipThroughput: *noTput, Markdown: *md, Log: stderr}, stdout))
 }
