@@ -302,7 +302,7 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 	return nil
 }
 
-func rotate[T any](s []T, n int) []T {
+func rotateSlice[T any](s []T, n int) []T {
 	n %= len(s)
 	return append(slices.Clone(s[n:]), s[:n]...)
 }

@@ -177,6 +177,8 @@ func benchSidecar(args []string, stdout, stderr io.Writer) error {
 	return interrupted(ctx, bench.RunSidecar(ctx, bench.SidecarOptions{Workloads: splitList(*workloads), Topologies: topos,
 		Proxies: splitList(*proxies), Reps: *reps, Duration: *dur, Slice: *slice, Warmup: *warm, CPU: *cpu, Quick: *quick,
 		Markdown: *md, Log: stderr}, stdout))
+}
+
 func benchXDP(args []string, stdout, stderr io.Writer) error {
 	fs := benchFlags("xdp", stderr)
 	reps := fs.Int("reps", 5, "interleaved repetitions")
