@@ -111,15 +111,6 @@ func translate(s *mesh.Service) datapath.Service {
 	return ds
 }
 
-// DatapathServices translates the model into the datapath's services.
-func DatapathServices(st *mesh.State) []datapath.Service {
-	out := make([]datapath.Service, 0, len(st.Services))
-	for i := range st.Services {
-		out = append(out, translate(&st.Services[i]))
-	}
-	return out
-}
-
 func serviceEqual(a, b *mesh.Service) bool {
 	return a.Name == b.Name && a.Frontend == b.Frontend && a.Algorithm == b.Algorithm &&
 		a.Mode == b.Mode && slices.Equal(a.Backends, b.Backends)
