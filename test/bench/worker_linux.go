@@ -59,6 +59,8 @@ func Worker(args []string, stdout, stderr io.Writer) int {
 		err = clientMain(args[1:], stdout)
 	case "server":
 		err = serverMain(args[1:], stdout)
+	case "xds-clients":
+		err = xdsClientsMain(args[1:], stdout)
 	default:
 		err = fmt.Errorf("unknown worker %q", args[0])
 	}

@@ -30,7 +30,7 @@ commands:
   xds status [--json]                  xDS server: connected nodes, per type sent/accepted version, pending, last NACK
   cleanup [--bpffs-root DIR]           detach every program and remove all pins (stop shuntd first)
   demo [--connections N]               standalone demo: pods, shuntd, a service, traffic, counters, cleanup
-  bench connect|update [FLAGS]         benchmarks (root; see shuntctl bench help)
+  bench connect|update|xds [FLAGS]     benchmarks (see shuntctl bench help)
 `
 
 // Run executes one shuntctl command.
