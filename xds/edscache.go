@@ -123,24 +123,10 @@ func (c *edsCache) update(ups map[string]entry, dels []string) error {
 	}
 	c.prune()
 	for id, w := range c.watches {
-		subscribed, wildcard := w.sub.SubscribedResources(), w.sub.IsWildcard()
-		returned := w.sub.ReturnedResources()
 		var changed []*edsEntry
 		var removed []string
 		for _, name := range modified {
-			if !wildcard {
-				if _, ok := subscribed[name]; !ok {
-					continue
-				}
-			}
-			known, wasSent := returned[name]
-			if e := c.res[name]; e != nil {
-				if !wasSent || known != e.version {
-					changed = append(changed, e)
-				}
-			} else if wasSent {
-				removed = append(removed, name)
-			}
+			changed, removed = c.compare(w.sub, name, changed, removed)
 		}
 		if len(changed) == 0 && (w.ch != nil || len(removed) == 0) {
 			continue // sotw never sends removals of non-full-state resources
@@ -240,7 +226,6 @@ func (c *edsCache) changes(sub cache.Subscription, fp uint64, sameSub bool) (cha
 		return c.diff(sub)
 	}
 	st.used = time.Now()
-	subscribed, wildcard := sub.SubscribedResources(), sub.IsWildcard()
 	var seen map[string]bool
 	for i := len(c.log) - 1; i >= 0 && c.log[i].version > st.version; i-- {
 		for _, name := range c.log[i].names {
@@ -251,20 +236,28 @@ func (c *edsCache) changes(sub cache.Subscription, fp uint64, sameSub bool) (cha
 				seen = map[string]bool{}
 			}
 			seen[name] = true
-			if !wildcard {
-				if _, ok := subscribed[name]; !ok {
-					continue
-				}
-			}
-			known, wasSent := returned[name]
-			if e := c.res[name]; e != nil {
-				if !wasSent || known != e.version {
-					changed = append(changed, e)
-				}
-			} else if wasSent {
-				removed = append(removed, name)
-			}
+			changed, removed = c.compare(sub, name, changed, removed)
 		}
+	}
+	return changed, removed
+}
+
+// compare adds name to changed when the subscription watches it and lacks
+// its current version, or to removed when the client was sent it and it is
+// gone. Must hold c.mu.
+func (c *edsCache) compare(sub cache.Subscription, name string, changed []*edsEntry, removed []string) ([]*edsEntry, []string) {
+	if !sub.IsWildcard() {
+		if _, ok := sub.SubscribedResources()[name]; !ok {
+			return changed, removed
+		}
+	}
+	known, wasSent := sub.ReturnedResources()[name]
+	if e := c.res[name]; e != nil {
+		if !wasSent || known != e.version {
+			changed = append(changed, e)
+		}
+	} else if wasSent {
+		removed = append(removed, name)
 	}
 	return changed, removed
 }
