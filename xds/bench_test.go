@@ -71,14 +71,7 @@ func BenchmarkTranslateAndHash3000x30(b *testing.B) {
 // is re-translated, and the whole result is checked with Consistent().
 func BenchmarkUpdateOneEndpoint3000x30(b *testing.B) {
 	st := bigState(3000, 30)
-	s, err := New(Config{}, nil, nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer s.Stop()
-	if err := s.Update(st); err != nil {
-		b.Fatal(err)
-	}
+	s := loadedServer(b, st)
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
@@ -94,14 +87,7 @@ func BenchmarkUpdateOneEndpoint3000x30(b *testing.B) {
 // feeds: Server.Apply with the one changed service.
 func BenchmarkApplyOneEndpoint3000x30(b *testing.B) {
 	st := bigState(3000, 30)
-	s, err := New(Config{}, nil, nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer s.Stop()
-	if err := s.Update(st); err != nil {
-		b.Fatal(err)
-	}
+	s := loadedServer(b, st)
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
@@ -122,14 +108,7 @@ func BenchmarkApplyAddService3000x30(b *testing.B) {
 	st := bigState(3001, 30)
 	extra := st.Services[3000]
 	st.Services = st.Services[:3000]
-	s, err := New(Config{}, nil, nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer s.Stop()
-	if err := s.Update(st); err != nil {
-		b.Fatal(err)
-	}
+	s := loadedServer(b, st)
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
@@ -159,4 +138,18 @@ func TestBigStateChecks(t *testing.T) {
 	if err := r.Check(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// loadedServer is a server holding st.
+func loadedServer(b *testing.B, st *mesh.State) *Server {
+	b.Helper()
+	s, err := New(Config{}, nil, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(s.Stop)
+	if err := s.Update(st); err != nil {
+		b.Fatal(err)
+	}
+	return s
 }

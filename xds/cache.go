@@ -14,7 +14,8 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 )
 
-// Cache keys. Each names one LinearCache holding one resource type; views
+// Cache keys. Each names one cache holding one resource type (edsCache for
+// endpoints, a LinearCache for the others); views
 // map a type URL to one of them.
 const (
 	keyEDS          = "eds"
@@ -98,7 +99,7 @@ func nodeInfo(node *corev3.Node) NodeInfo {
 // stream was last sent, that is when the configuration actually changes.
 // Delta streams already track what was sent per resource and need no guard.
 type viewCache struct {
-	caches map[string]*cache.LinearCache
+	caches map[string]cache.ConfigWatcher
 	log    *slog.Logger
 }
 
@@ -108,7 +109,7 @@ var _ cache.Cache = (*viewCache)(nil)
 // nothing yet. Any non-empty value works; this one reads well in logs.
 const nackVersion = "nacked"
 
-func (v *viewCache) pick(node *corev3.Node, typeURL string) *cache.LinearCache {
+func (v *viewCache) pick(node *corev3.Node, typeURL string) cache.ConfigWatcher {
 	key, ok := views[viewKey(node)][typeURL]
 	if !ok {
 		return nil
@@ -159,8 +160,9 @@ func withVersion(req *discoveryv3.DiscoveryRequest, version string) *discoveryv3
 
 // entry is one desired resource and the hash of its deterministic encoding.
 type entry struct {
-	res  types.Resource
-	hash string
+	res     types.Resource
+	hash    string
+	encoded []byte // deterministic encoding (nil when not kept)
 }
 
 type desiredSet struct {
@@ -195,10 +197,16 @@ func desiredSets(r *Resources, hash func(types.Resource) string) []desiredSet {
 }
 
 func contentHash(res types.Resource) string {
+	_, h := encode(res)
+	return h
+}
+
+// encode returns a resource's deterministic encoding and its content hash.
+func encode(res types.Resource) ([]byte, string) {
 	b, err := cache.MarshalResource(res)
 	if err != nil {
 		// Generated messages always marshal; keep the resource distinct.
-		return fmt.Sprintf("unmarshalable:%p", res)
+		return nil, fmt.Sprintf("unmarshalable:%p", res)
 	}
-	return cache.HashResource(b)[:32]
+	return b, cache.HashResource(b)[:32]
 }

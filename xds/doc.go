@@ -54,8 +54,11 @@
 // was; a Replace is also checked whole with the snapshot Consistent()
 // rules (tests check incremental results against fresh translations).
 //
-// Each resource type lives in its own go-control-plane LinearCache (one per
-// listener flavor), behind a small cache.Cache that picks the node's view.
+// Listeners, routes and clusters live in go-control-plane LinearCaches (one
+// listener cache per flavor); endpoints, the resources that churn, in
+// edsCache, which keeps LinearCache's protocol behaviour but answers a
+// change in O(watches × changed names) instead of O(watches × subscribed
+// names) (see edsCache). A small cache.Cache picks the node's view.
 // Every new object passes ValidateAll (including the typed configs inside
 // Any fields) when it is built; its deterministic encoding is hashed, and a
 // cache gets only the resources whose hash changed: an unchanged service

@@ -5,6 +5,7 @@ import (
 	"maps"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/shuntmesh/shunt/mesh"
 )
@@ -31,9 +32,9 @@ type Feed struct {
 	all     map[string]*mesh.Service // everything handed over, for recovery
 	failed  bool
 
-	// applied, when set, is called after each Apply with its error (tests
-	// and benchmarks).
-	applied func(error)
+	// OnApply, when set before Run, is called after each Apply with how
+	// long it took and its error (tests, benchmarks).
+	OnApply func(took time.Duration, err error)
 }
 
 // NewFeed returns a feed for s; start it with Run.
@@ -82,7 +83,9 @@ func (f *Feed) Run(ctx context.Context) {
 		if !ok {
 			continue
 		}
+		t0 := time.Now()
 		err := f.s.Apply(ch)
+		took := time.Since(t0)
 		f.mu.Lock()
 		f.failed = err != nil
 		f.mu.Unlock()
@@ -91,8 +94,8 @@ func (f *Feed) Run(ctx context.Context) {
 			f.s.log.Error("xds: change refused; the served configuration stays as it was until a later change is accepted",
 				"services", len(ch.Services), "deletions", len(ch.Delete), "replace", ch.Replace, "err", err)
 		}
-		if f.applied != nil {
-			f.applied(err)
+		if f.OnApply != nil {
+			f.OnApply(took, err)
 		}
 	}
 }

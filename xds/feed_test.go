@@ -4,6 +4,7 @@ import (
 	"context"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/shuntmesh/shunt/mesh"
 )
@@ -13,7 +14,7 @@ func startFeed(t *testing.T, s *Server) (*Feed, chan error, func()) {
 	t.Helper()
 	f := s.NewFeed()
 	applied := make(chan error, 100)
-	f.applied = func(err error) { applied <- err }
+	f.OnApply = func(_ time.Duration, err error) { applied <- err }
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	started := false

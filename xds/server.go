@@ -59,12 +59,25 @@ type Server struct {
 	testHook func(*Resources)
 }
 
-// typeCache is one LinearCache and what it holds: the served objects and
-// their content hashes, by name.
+// typeCache is one cache and what it holds: the served objects and their
+// content hashes, by name.
 type typeCache struct {
 	key, typeURL string
-	lc           *cache.LinearCache
-	entries      map[string]entry
+	store        interface {
+		update(ups map[string]entry, dels []string) error
+	}
+	entries map[string]entry
+}
+
+// linearStore feeds a LinearCache.
+type linearStore struct{ lc *cache.LinearCache }
+
+func (l linearStore) update(ups map[string]entry, dels []string) error {
+	m := make(map[string]types.Resource, len(ups))
+	for name, e := range ups {
+		m[name] = e.res
+	}
+	return l.lc.UpdateResources(m, dels)
 }
 
 // New builds a server. logger may be nil (logs are dropped); reg may be
@@ -91,15 +104,21 @@ func New(cfg Config, logger *slog.Logger, reg prometheus.Registerer) (*Server, e
 	}
 	s.model = newModel(s.opts)
 	cpLog := cpLogger{logger}
-	lcs := map[string]*cache.LinearCache{}
+	watchers := map[string]cache.ConfigWatcher{}
 	for _, key := range applyOrder {
-		lc := cache.NewLinearCache(cacheTypes[key], cache.WithLogger(cpLog))
-		lcs[key] = lc
-		s.caches[key] = &typeCache{key: key, typeURL: cacheTypes[key], lc: lc, entries: map[string]entry{}}
+		tc := &typeCache{key: key, typeURL: cacheTypes[key], entries: map[string]entry{}}
+		if key == keyEDS {
+			ec := newEDSCache(cacheTypes[key])
+			tc.store, watchers[key] = ec, ec
+		} else {
+			lc := cache.NewLinearCache(cacheTypes[key], cache.WithLogger(cpLog))
+			tc.store, watchers[key] = linearStore{lc}, lc
+		}
+		s.caches[key] = tc
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.ready = make(chan struct{})
-	xs := serverv3.NewServer(s.ctx, &viewCache{caches: lcs, log: logger}, s.trk,
+	xs := serverv3.NewServer(s.ctx, &viewCache{caches: watchers, log: logger}, s.trk,
 		sotw.WithOrderedADS(), sotw.WithLogger(cpLog))
 
 	base := []grpc.ServerOption{
@@ -296,23 +315,23 @@ func (s *Server) Apply(ch Change) error {
 
 	type change struct {
 		tc      *typeCache
-		upserts map[string]types.Resource
+		upserts map[string]entry // changed content, with its encoding
 		deletes []string
 		entries map[string]entry // new entries, including unchanged content under a new object
 	}
 	var changes []change
 	for _, key := range applyOrder { // referenced before referrer
 		tc := s.caches[key]
-		c := change{tc: tc, upserts: map[string]types.Resource{}, entries: map[string]entry{}}
+		c := change{tc: tc, upserts: map[string]entry{}, entries: map[string]entry{}}
 		for name, res := range d.up[key] {
 			old, ok := tc.entries[name]
 			if ok && old.res == res {
 				continue
 			}
-			h := contentHash(res)
+			b, h := encode(res)
 			c.entries[name] = entry{res: res, hash: h}
 			if !ok || old.hash != h {
-				c.upserts[name] = res
+				c.upserts[name] = entry{res: res, hash: h, encoded: b}
 			}
 		}
 		for _, name := range d.del[key] {
@@ -335,7 +354,7 @@ func (s *Server) Apply(ch Change) error {
 	var errs []error
 	for _, c := range changes {
 		if len(c.upserts) > 0 {
-			if err := c.tc.lc.UpdateResources(c.upserts, nil); err != nil {
+			if err := c.tc.store.update(c.upserts, nil); err != nil {
 				errs = append(errs, fmt.Errorf("xds: updating %s: %w", c.tc.key, err))
 			}
 		}
@@ -343,7 +362,7 @@ func (s *Server) Apply(ch Change) error {
 	for i := len(changes) - 1; i >= 0; i-- { // and removed after its referrers
 		c := changes[i]
 		if len(c.deletes) > 0 {
-			if err := c.tc.lc.UpdateResources(nil, c.deletes); err != nil {
+			if err := c.tc.store.update(nil, c.deletes); err != nil {
 				errs = append(errs, fmt.Errorf("xds: updating %s: %w", c.tc.key, err))
 			}
 		}

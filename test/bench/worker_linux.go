@@ -65,6 +65,8 @@ func Worker(args []string, stdout, stderr io.Writer) int {
 		err = sclientMain(args[1:], stdout)
 	case "proxy":
 		err = proxyMain(args[1:], stdout)
+	case "xds-clients":
+		err = xdsClientsMain(args[1:], stdout)
 	default:
 		err = fmt.Errorf("unknown worker %q", args[0])
 	}

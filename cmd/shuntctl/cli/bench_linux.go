@@ -32,8 +32,12 @@ const benchUsage = `usage:
   shuntctl bench xdp [--reps 5] [--calls 20000] [--flows 100000] [--duration 2s] [--cpu N] [--no-throughput] [--markdown]
       XDP load balancer: ns/packet via BPF_PROG_TEST_RUN (hot flow, new flow, many flows;
       per-CPU vs shared LRU), Mpps through veth vs kernel forwarding + iptables DNAT
+  shuntctl bench xds [--services 3000] [--backends 30] [--clients 100] [--changes 100] [--reps 5]
+                     [--interval 20ms] [--delta] [--seed 1] [--markdown]
+      xDS server: full translation, push latency of one service's endpoint change to N
+      connected sidecar-like ADS clients, server memory per client (no root needed)
 
-All need root and remove everything they create (network namespaces
+All but xds need root and remove everything they create (network namespaces
 shuntbench-* and shuntxdp-*, cgroups and bpffs folders shunt-bench-* and
 shuntxdp-bench-*), also on Ctrl-C.
 Progress goes to stderr, the report to stdout.
@@ -44,7 +48,7 @@ Progress goes to stderr, the report to stdout.
 func benchCmd(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, benchUsage)
-		return errors.New("bench: want connect, update, sidecar or xdp")
+		return errors.New("bench: want connect, update, sidecar, xdp or xds")
 	}
 	switch args[0] {
 	case "worker":
@@ -60,11 +64,13 @@ func benchCmd(args []string, stdout, stderr io.Writer) error {
 		return benchSidecar(args[1:], stdout, stderr)
 	case "xdp":
 		return benchXDP(args[1:], stdout, stderr)
+	case "xds":
+		return benchXDS(args[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, benchUsage)
 		return nil
 	}
-	return fmt.Errorf("bench %s: unknown subcommand (want connect, update, sidecar or xdp)", args[0])
+	return fmt.Errorf("bench %s: unknown subcommand (want connect, update, sidecar, xdp or xds)", args[0])
 }
 
 func benchFlags(name string, stderr io.Writer) *flag.FlagSet {
@@ -198,4 +204,27 @@ func benchXDP(args []string, stdout, stderr io.Writer) error {
 	defer stop()
 	return interrupted(ctx, bench.RunXDP(ctx, bench.XDPOptions{Reps: *reps, Calls: *calls, Flows: *flows, Duration: *dur, CPU: *cpu,
 		SkipThroughput: *noTput, Markdown: *md, Log: stderr}, stdout))
+}
+
+func benchXDS(args []string, stdout, stderr io.Writer) error {
+	fs := benchFlags("xds", stderr)
+	services := fs.Int("services", 3000, "services")
+	backends := fs.Int("backends", 30, "endpoints per service")
+	clients := fs.Int("clients", 100, "connected ADS clients")
+	changes := fs.Int("changes", 100, "endpoint changes timed")
+	reps := fs.Int("reps", 5, "full translations timed")
+	interval := fs.Duration("interval", 20*time.Millisecond, "pause after every client ACKed a change")
+	delta := fs.Bool("delta", false, "clients use delta ADS instead of state of the world")
+	seed := fs.Uint64("seed", 1, "seed of the random picks")
+	md := fs.Bool("markdown", false, "print only the Markdown tables")
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("bench xds: %w", err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("bench xds: unexpected argument %q", fs.Arg(0))
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	return interrupted(ctx, bench.RunXDS(ctx, bench.XDSOptions{Services: *services, Backends: *backends, Clients: *clients,
+		Changes: *changes, Reps: *reps, Interval: *interval, Delta: *delta, Seed: *seed, Markdown: *md, Log: stderr}, stdout))
 }

@@ -41,7 +41,8 @@ commands:
                                        build a Maglev table locally and print its fingerprint
   cleanup [--bpffs-root DIR]           detach every program and remove all pins (stop shuntd first)
   demo [--connections N]               standalone demo: pods, shuntd, a service, traffic, counters, cleanup
-  bench connect|update|xdp [FLAGS]     benchmarks (root; see shuntctl bench help)
+  bench connect|update|sidecar|xdp|xds [FLAGS]
+                                       benchmarks (see shuntctl bench help)
 `
 
 // Run executes one shuntctl command.
