@@ -23,7 +23,8 @@ const benchUsage = `usage:
       new-connection rate (TCP_CRR style) direct vs Shunt socket LB vs kube-proxy iptables
   shuntctl bench update [--services 3000] [--backends 30] [--updates 200] [--seed 1] [--markdown]
       agent.UpdateService latency on a large state
-  shuntctl bench xdp [--reps 5] [--calls 20000] [--flows 100000] [--duration 2s] [--cpu N] [--no-throughput] [--markdown]
+  shuntctl bench xdp [--reps 5] [--calls 20000] [--flows 100000] [--duration 2s] [--cpu N] [--no-throughput]
+                     [--realtime=true] [--markdown]
       XDP load balancer: ns/packet via BPF_PROG_TEST_RUN (hot flow, new flow, many flows;
       per-CPU vs shared LRU), Mpps through veth vs kernel forwarding + iptables DNAT
 
@@ -147,6 +148,7 @@ func benchXDP(args []string, stdout, stderr io.Writer) error {
 	cpu := fs.Int("cpu", runtime.NumCPU()-1, "CPU of the single-threaded runs and of the generator")
 	noTput := fs.Bool("no-throughput", false, "skip the veth throughput part")
 	md := fs.Bool("markdown", false, "print only the Markdown tables")
+	rt := fs.Bool("realtime", true, "measuring threads SCHED_FIFO while they run (other load cannot preempt them)")
 	if err := fs.Parse(args); err != nil {
 		return fmt.Errorf("bench xdp: %w", err)
 	}
@@ -156,5 +158,5 @@ func benchXDP(args []string, stdout, stderr io.Writer) error {
 	ctx, stop := signalContext()
 	defer stop()
 	return interrupted(ctx, bench.RunXDP(ctx, bench.XDPOptions{Reps: *reps, Calls: *calls, Flows: *flows, Duration: *dur, CPU: *cpu,
-		SkipThroughput: *noTput, Markdown: *md, Log: stderr}, stdout))
+		SkipThroughput: *noTput, Realtime: *rt, Markdown: *md, Log: stderr}, stdout))
 }
