@@ -46,8 +46,8 @@ type XDPOptions struct {
 	// for the few seconds they run, so that other load on the machine does
 	// not preempt them and evict the caches between two runs.
 	Realtime bool
-	Markdown       bool
-	Log            io.Writer
+	Markdown bool
+	Log      io.Writer
 }
 
 func (o XDPOptions) withDefaults() XDPOptions {
@@ -210,7 +210,7 @@ func (r *replayer) run(target *ebpf.Program, cpu int, rt bool, repeat int) (floa
 
 // XDPResult holds every measurement of RunXDP (one value per repetition).
 type XDPResult struct {
-	Baseline, Hot, Miss, Many   []float64 // ns per packet, per-CPU LRU
+	Baseline, Hot, Miss, Many []float64 // ns per packet, per-CPU LRU
 	// BaselineMany and BaselineFresh: the empty program cycling through
 	// as many frames as Many and Miss (the frame copies miss the cache too).
 	BaselineMany, BaselineFresh []float64
@@ -622,8 +622,8 @@ func measureThroughput(ctx context.Context, o XDPOptions, res *XDPResult) (err e
 	if err != nil {
 		return err
 	}
-	cmds := []string{"link set lo up", "link set "+dev["h1"]+" up", "link set "+dev["h2"]+" up", "addr add 10.98.0.1/24 dev "+dev["h1"]+"", "addr add 10.99.0.1/24 dev "+dev["h2"]+"",
-		"route add 198.51.64.0/18 dev "+dev["h1"]+""}
+	cmds := []string{"link set lo up", "link set " + dev["h1"] + " up", "link set " + dev["h2"] + " up", "addr add 10.98.0.1/24 dev " + dev["h1"] + "", "addr add 10.99.0.1/24 dev " + dev["h2"] + "",
+		"route add 198.51.64.0/18 dev " + dev["h1"] + ""}
 	for i := 2; i <= 11; i++ {
 		cmds = append(cmds, fmt.Sprintf("neigh add 10.99.0.%d lladdr %s dev "+dev["h2"]+"", i, h3.HardwareAddr))
 	}
