@@ -37,9 +37,13 @@ type Config struct {
 	// SNATPorts is the node port range for SNAT, "LO-HI" (default
 	// 61000-65535, above Linux's default ephemeral range).
 	SNATPorts string `json:"snatPorts,omitempty"`
-	// Conntrack selects the LRU of the conntrack and SNAT maps: "percpu"
-	// (per-CPU LRU lists, BPF_F_NO_COMMON_LRU; the default, measured
-	// faster for new flows on several CPUs) or "shared" (one LRU list).
+	// Conntrack selects the LRU of the conntrack, SNAT and DSR reverse-NAT
+	// maps: "shared" (one LRU list with per-CPU free-list caches; the
+	// default) or "percpu" (per-CPU LRU lists, BPF_F_NO_COMMON_LRU). On the
+	// 2-CPU machines we measure on (`shuntctl bench xdp`), shared was as
+	// fast or faster in every scenario, new flows on one or two CPUs and
+	// established flows; per-CPU lists also split the capacity, so a CPU
+	// evicts its own flows once it holds maxFlows/CPUs of them.
 	Conntrack string `json:"conntrack,omitempty"`
 	// Capacities.
 	MaxServices uint32 `json:"maxServices,omitempty"`
@@ -87,7 +91,7 @@ func (c Config) Validate() error {
 
 // Parse validates c and returns it with defaults applied.
 func (c Config) Parse() (Params, error) {
-	p := Params{TableSize: maglev.DefaultSize, SNATLo: DefaultSNATLo, SNATHi: DefaultSNATHi, PerCPULRU: true,
+	p := Params{TableSize: maglev.DefaultSize, SNATLo: DefaultSNATLo, SNATHi: DefaultSNATHi,
 		MaxServices: DefaultMaxServices, MaxBackends: DefaultMaxBackends, MaxFlows: DefaultMaxFlows}
 	for _, list := range []struct {
 		name string
@@ -152,9 +156,9 @@ func (c Config) Parse() (Params, error) {
 		p.SNATLo, p.SNATHi = uint16(l), uint16(h)
 	}
 	switch c.Conntrack {
-	case "", "percpu":
-	case "shared":
-		p.PerCPULRU = false
+	case "", "shared":
+	case "percpu":
+		p.PerCPULRU = true
 	default:
 		return p, fieldErr("conntrack", "unknown LRU kind %q (want percpu or shared)", c.Conntrack)
 	}
