@@ -38,12 +38,14 @@ type Config struct {
 	// 61000-65535, above Linux's default ephemeral range).
 	SNATPorts string `json:"snatPorts,omitempty"`
 	// Conntrack selects the LRU of the conntrack, SNAT and DSR reverse-NAT
-	// maps: "shared" (one LRU list with per-CPU free-list caches; the
-	// default) or "percpu" (per-CPU LRU lists, BPF_F_NO_COMMON_LRU). On the
-	// 2-CPU machines we measure on (`shuntctl bench xdp`), shared was as
-	// fast or faster in every scenario, new flows on one or two CPUs and
-	// established flows; per-CPU lists also split the capacity, so a CPU
-	// evicts its own flows once it holds maxFlows/CPUs of them.
+	// maps: "percpu" (per-CPU LRU lists, BPF_F_NO_COMMON_LRU; the default)
+	// or "shared" (one LRU list with per-CPU free-list caches). Measured
+	// with `shuntctl bench xdp` on 2 CPUs: new flows inserted on both CPUs
+	// at once (what RSS gives a load balancer) were about 10% faster with
+	// per-CPU lists in 4 of 5 runs; single-CPU inserts and established
+	// flows were within noise of each other. A shared list's lock is the
+	// part that gets worse with more CPUs. The price: capacity is split,
+	// each CPU evicts its own flows once it holds maxFlows/CPUs of them.
 	Conntrack string `json:"conntrack,omitempty"`
 	// Capacities.
 	MaxServices uint32 `json:"maxServices,omitempty"`
@@ -91,7 +93,7 @@ func (c Config) Validate() error {
 
 // Parse validates c and returns it with defaults applied.
 func (c Config) Parse() (Params, error) {
-	p := Params{TableSize: maglev.DefaultSize, SNATLo: DefaultSNATLo, SNATHi: DefaultSNATHi,
+	p := Params{TableSize: maglev.DefaultSize, SNATLo: DefaultSNATLo, SNATHi: DefaultSNATHi, PerCPULRU: true,
 		MaxServices: DefaultMaxServices, MaxBackends: DefaultMaxBackends, MaxFlows: DefaultMaxFlows}
 	for _, list := range []struct {
 		name string
@@ -156,9 +158,9 @@ func (c Config) Parse() (Params, error) {
 		p.SNATLo, p.SNATHi = uint16(l), uint16(h)
 	}
 	switch c.Conntrack {
-	case "", "shared":
-	case "percpu":
-		p.PerCPULRU = true
+	case "", "percpu":
+	case "shared":
+		p.PerCPULRU = false
 	default:
 		return p, fieldErr("conntrack", "unknown LRU kind %q (want percpu or shared)", c.Conntrack)
 	}

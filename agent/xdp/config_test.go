@@ -17,7 +17,7 @@ func TestConfigValidate(t *testing.T) {
 	}{
 		{Config{}, "", ""},
 		{Config{DSRDevices: []string{"eth0"}}, "", ""}, // backend side needs no seed
-		{Config{Devices: []string{"eth0"}, Seed: seed, TableSize: 65521, NodeAddr: "10.0.0.1", NodeAddr6: "fd00::1", SNATPorts: "20000-30000", Conntrack: "percpu"}, "", ""},
+		{Config{Devices: []string{"eth0"}, Seed: seed, TableSize: 65521, NodeAddr: "10.0.0.1", NodeAddr6: "fd00::1", SNATPorts: "20000-30000", Conntrack: "shared"}, "", ""},
 		{Config{Devices: []string{"eth0"}}, "xdp.seed", "required with devices"},
 		{Config{Devices: []string{"eth0"}, Seed: "c2h1bnQ="}, "xdp.seed", "decodes to 5 bytes, want 12"},
 		{Config{Devices: []string{"eth0"}, Seed: "c2h1bnQteGRwLWxi-"}, "xdp.seed", "not standard base64"},
