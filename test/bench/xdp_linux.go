@@ -133,32 +133,34 @@ func pinCPU(cpu int, rt bool) error {
 	return nil
 }
 
-// replayer runs a program under test with BPF_PROG_TEST_RUN's repeat
+// Replayer runs a program under test with BPF_PROG_TEST_RUN's repeat
 // through bpf/xdpbench.c's bench_replay, which gives every run the next
 // frame of a list (the kernel does not restore the packet between runs
 // and xdplb rewrites it). The time per run includes bench_replay and a
 // tail call: measure an empty program the same way and subtract.
-type replayer struct {
+type Replayer struct {
 	objs bpf.XdpbenchObjects
 }
 
-func newReplayer(frames int) (*replayer, error) {
+// NewReplayer loads bench_replay with room for frames frames.
+func NewReplayer(frames int) (*Replayer, error) {
 	spec, err := bpf.LoadXdpbench()
 	if err != nil {
 		return nil, err
 	}
 	spec.Maps[bpf.XdpbenchMapBenchFrames].MaxEntries = uint32(frames)
-	r := &replayer{}
+	r := &Replayer{}
 	if err := spec.LoadAndAssign(&r.objs, nil); err != nil {
 		return nil, fmt.Errorf("load xdpbench: %w", err)
 	}
 	return r, nil
 }
 
-func (r *replayer) close() { r.objs.Close() }
+// Close releases the replayer's programs and maps.
+func (r *Replayer) Close() { r.objs.Close() }
 
-// load stores frames at [base, base+len(frames)).
-func (r *replayer) load(base int, frames [][]byte) error {
+// Load stores frames at [base, base+len(frames)).
+func (r *Replayer) Load(base int, frames [][]byte) error {
 	keys := make([]uint32, len(frames))
 	vals := make([]bpf.XdpbenchBenchFrame, len(frames))
 	for i, f := range frames {
@@ -172,8 +174,8 @@ func (r *replayer) load(base int, frames [][]byte) error {
 	return err
 }
 
-// position sets where each CPU's replay starts.
-func (r *replayer) position(per map[int][2]int) error {
+// Position sets, per CPU, the first frame and the number of frames's replay starts.
+func (r *Replayer) Position(per map[int][2]int) error {
 	n, err := ebpf.PossibleCPU()
 	if err != nil {
 		return err
@@ -185,9 +187,9 @@ func (r *replayer) position(per map[int][2]int) error {
 	return r.objs.BenchPos.Put(uint32(0), st)
 }
 
-// run runs target repeat times on cpu, each run on the next frame of that
+// Run runs target repeat times on cpu, each run on the next frame of that
 // CPU's list, and returns the kernel's mean time per run in ns.
-func (r *replayer) run(target *ebpf.Program, cpu int, rt bool, repeat int) (float64, error) {
+func (r *Replayer) Run(target *ebpf.Program, cpu int, rt bool, repeat int) (float64, error) {
 	if err := r.objs.BenchTarget.Put(uint32(0), target); err != nil {
 		return 0, fmt.Errorf("bench_target: %w", err)
 	}
@@ -265,11 +267,11 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 		defer d.Close()
 		lbs[k] = d
 	}
-	rp, err := newReplayer(o.Flows + 2*o.Calls)
+	rp, err := NewReplayer(o.Flows + 2*o.Calls)
 	if err != nil {
 		return err
 	}
-	defer rp.close()
+	defer rp.Close()
 	logf(o.Log, "building and establishing %d flows", o.Flows)
 	many := make([][]byte, o.Flows)
 	for i := range many {
@@ -279,7 +281,7 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 		}
 		many[i] = f
 	}
-	if err := rp.load(0, many); err != nil {
+	if err := rp.Load(0, many); err != nil {
 		return err
 	}
 	for _, d := range lbs {
@@ -300,7 +302,7 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 			next++
 			fs[i] = f
 		}
-		return rp.load(base, fs)
+		return rp.Load(base, fs)
 	}
 	other := (o.CPU + 1) % runtime.NumCPU()
 	hotRepeat := 200000
@@ -334,10 +336,10 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 					return err
 				}
 			}
-			if err := rp.position(map[int][2]int{o.CPU: {s.base, s.n}}); err != nil {
+			if err := rp.Position(map[int][2]int{o.CPU: {s.base, s.n}}); err != nil {
 				return err
 			}
-			v, err := rp.run(s.prog, o.CPU, o.Realtime, s.repeat)
+			v, err := rp.Run(s.prog, o.CPU, o.Realtime, s.repeat)
 			if err != nil {
 				return err
 			}
@@ -351,7 +353,7 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 			if err := fresh(o.Flows + o.Calls); err != nil {
 				return err
 			}
-			if err := rp.position(map[int][2]int{o.CPU: {o.Flows, o.Calls}, other: {o.Flows + o.Calls, o.Calls}}); err != nil {
+			if err := rp.Position(map[int][2]int{o.CPU: {o.Flows, o.Calls}, other: {o.Flows + o.Calls, o.Calls}}); err != nil {
 				return err
 			}
 			var wg sync.WaitGroup
@@ -360,11 +362,11 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 			wg.Add(2)
 			go func() {
 				defer wg.Done()
-				va, ea = rp.run(lbs[k].Program(), o.CPU, o.Realtime, o.Calls)
+				va, ea = rp.Run(lbs[k].Program(), o.CPU, o.Realtime, o.Calls)
 			}()
 			go func() {
 				defer wg.Done()
-				vb, eb = rp.run(lbs[k].Program(), other, o.Realtime, o.Calls)
+				vb, eb = rp.Run(lbs[k].Program(), other, o.Realtime, o.Calls)
 			}()
 			wg.Wait()
 			if err := errors.Join(ea, eb); err != nil {
