@@ -72,7 +72,7 @@ const (
 type DsrXlbMeta struct {
 	_             structs.HostLayout
 	LayoutVersion uint32
-	Pad           uint32
+	GenSeq        uint32
 }
 
 type DsrXlbVip struct {

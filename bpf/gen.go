@@ -25,4 +25,4 @@ const LayoutVersion = uint32(SockmeshShuntLayoutSHUNT_LAYOUT_VERSION)
 const XDPLayoutVersion = uint32(XdplbXlbLayoutXLB_LAYOUT_VERSION)
 
 // xdpbench: generator and sink programs of `shuntctl bench xdp`.
-//go:generate go tool bpf2go -cc clang-19 -strip llvm-strip-19 -target bpfel -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -type bench_frame Xdpbench xdpbench.c
+//go:generate go tool bpf2go -cc clang-19 -strip llvm-strip-19 -target bpfel -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -type bench_frame -type bench_state Xdpbench xdpbench.c

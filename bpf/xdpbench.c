@@ -64,3 +64,63 @@ int bench_sink(struct xdp_md *ctx)
 		*v += 1;
 	return XDP_DROP;
 }
+
+SEC("xdp")
+int bench_reflect(struct xdp_md *ctx)
+{
+	return XDP_TX;
+}
+
+struct bench_state {
+	__u32 base; /* first frame */
+	__u32 n;    /* frames to cycle through */
+	__u32 next; /* offset of the next frame */
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct bench_state);
+	__uint(max_entries, 1);
+} bench_pos SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct bench_frame);
+	__uint(max_entries, 1);
+} bench_frames SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+} bench_target SEC(".maps");
+
+SEC("xdp")
+int bench_replay(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u32 zero = 0, idx;
+	struct bench_state *st = bpf_map_lookup_elem(&bench_pos, &zero);
+	struct bench_frame *f;
+	long grown = (long)(end - data) - BENCH_FRAME_LEN;
+
+	if (!st || st->n == 0 || grown < 0 || grown > 255)
+		return XDP_ABORTED;
+	if (grown && bpf_xdp_adjust_head(ctx, (int)grown))
+		return XDP_ABORTED;
+	idx = st->base + st->next;
+	st->next = st->next + 1 >= st->n ? 0 : st->next + 1;
+	f = bpf_map_lookup_elem(&bench_frames, &idx);
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	if (!f || data + BENCH_FRAME_LEN > end)
+		return XDP_ABORTED;
+	__builtin_memcpy(data, f->data, BENCH_FRAME_LEN);
+	bpf_tail_call(ctx, &bench_target, 0);
+	return XDP_ABORTED;
+}

@@ -24,12 +24,25 @@ type XdpbenchBenchFrame struct {
 	Data [60]uint8
 }
 
+type XdpbenchBenchState struct {
+	_    structs.HostLayout
+	Base uint32
+	N    uint32
+	Next uint32
+	Pad  uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	XdpbenchMapBenchCount       = "bench_count"
+	XdpbenchMapBenchFrames      = "bench_frames"
+	XdpbenchMapBenchPos         = "bench_pos"
+	XdpbenchMapBenchTarget      = "bench_target"
 	XdpbenchMapBenchTmpl        = "bench_tmpl"
+	XdpbenchProgBenchReflect    = "bench_reflect"
+	XdpbenchProgBenchReplay     = "bench_replay"
 	XdpbenchProgBenchSink       = "bench_sink"
 	XdpbenchProgBenchTx         = "bench_tx"
 	XdpbenchVarUnusedBenchConst = "__unused_bench_const"
@@ -77,16 +90,21 @@ type XdpbenchSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type XdpbenchProgramSpecs struct {
-	BenchSink *ebpf.ProgramSpec `ebpf:"bench_sink"`
-	BenchTx   *ebpf.ProgramSpec `ebpf:"bench_tx"`
+	BenchReflect *ebpf.ProgramSpec `ebpf:"bench_reflect"`
+	BenchReplay  *ebpf.ProgramSpec `ebpf:"bench_replay"`
+	BenchSink    *ebpf.ProgramSpec `ebpf:"bench_sink"`
+	BenchTx      *ebpf.ProgramSpec `ebpf:"bench_tx"`
 }
 
 // XdpbenchMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type XdpbenchMapSpecs struct {
-	BenchCount *ebpf.MapSpec `ebpf:"bench_count"`
-	BenchTmpl  *ebpf.MapSpec `ebpf:"bench_tmpl"`
+	BenchCount  *ebpf.MapSpec `ebpf:"bench_count"`
+	BenchFrames *ebpf.MapSpec `ebpf:"bench_frames"`
+	BenchPos    *ebpf.MapSpec `ebpf:"bench_pos"`
+	BenchTarget *ebpf.MapSpec `ebpf:"bench_target"`
+	BenchTmpl   *ebpf.MapSpec `ebpf:"bench_tmpl"`
 }
 
 // XdpbenchVariableSpecs contains global variables before they are loaded into the kernel.
@@ -116,13 +134,19 @@ func (o *XdpbenchObjects) Close() error {
 //
 // It can be passed to LoadXdpbenchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XdpbenchMaps struct {
-	BenchCount *ebpf.Map `ebpf:"bench_count"`
-	BenchTmpl  *ebpf.Map `ebpf:"bench_tmpl"`
+	BenchCount  *ebpf.Map `ebpf:"bench_count"`
+	BenchFrames *ebpf.Map `ebpf:"bench_frames"`
+	BenchPos    *ebpf.Map `ebpf:"bench_pos"`
+	BenchTarget *ebpf.Map `ebpf:"bench_target"`
+	BenchTmpl   *ebpf.Map `ebpf:"bench_tmpl"`
 }
 
 func (m *XdpbenchMaps) Close() error {
 	return _XdpbenchClose(
 		m.BenchCount,
+		m.BenchFrames,
+		m.BenchPos,
+		m.BenchTarget,
 		m.BenchTmpl,
 	)
 }
@@ -138,12 +162,16 @@ type XdpbenchVariables struct {
 //
 // It can be passed to LoadXdpbenchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XdpbenchPrograms struct {
-	BenchSink *ebpf.Program `ebpf:"bench_sink"`
-	BenchTx   *ebpf.Program `ebpf:"bench_tx"`
+	BenchReflect *ebpf.Program `ebpf:"bench_reflect"`
+	BenchReplay  *ebpf.Program `ebpf:"bench_replay"`
+	BenchSink    *ebpf.Program `ebpf:"bench_sink"`
+	BenchTx      *ebpf.Program `ebpf:"bench_tx"`
 }
 
 func (p *XdpbenchPrograms) Close() error {
 	return _XdpbenchClose(
+		p.BenchReflect,
+		p.BenchReplay,
 		p.BenchSink,
 		p.BenchTx,
 	)

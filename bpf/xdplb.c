@@ -84,6 +84,18 @@ struct {
 	__array(values, struct maglev_table);
 } lb_tables SEC(".maps");
 
+/* lb_svc_gen[service id]: the generation of the service holding the id
+ * (0: none). An established flow (conntrack hit) is forwarded without
+ * looking its frontend up again, as long as its entry's generation is still
+ * the service's: deleting a service (or giving its id to another) makes its
+ * entries stale at once. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 16384);
+} lb_svc_gen SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
@@ -741,25 +753,22 @@ static __always_inline int snat_forward(struct xdp_md *ctx, const struct pkt *p,
 }
 
 /* forward sends a client -> VIP packet of service svc to its backend. */
-static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, const struct xlb_service *svc)
+/* forward sends a client -> VIP packet to its backend: that of hit, a
+ * valid conntrack entry, or else one picked from the table of svc. */
+static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, struct xlb_config *cfg,
+				   const struct xlb_service *svc, struct xlb_ct *hit, int syn, int rst)
 {
-	__u32 zero = 0, hash;
-	struct xlb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
-	struct xlb_ct *hit, ct = {};
-	int syn = 0, rst = 0, fresh = 0;
+	struct xlb_ct ct = {};
+	int fresh = 0;
+	__u32 hash;
 
-	if (!cfg)
-		return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
-	if (p->flow.proto == IPPROTO_TCP) {
-		syn = (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-		rst = p->tcp_flags & TCP_FLAG_RST;
-	}
-	hit = syn ? 0 : bpf_map_lookup_elem(&lb_ct, &p->flow);
 	if (hit) {
 		ct = *hit;
 		hash = ct.hash;
 		stat_inc(XLB_EV_CT_HIT);
 	} else {
+		if (!svc)
+			return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
 		hash = hash_of(p, cfg->seed);
 		if (pick(svc, hash, &ct)) {
 			struct xlb_svc_stats *s = bpf_map_lookup_elem(&lb_svc_stats, &svc->id);
@@ -770,6 +779,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, const stru
 		}
 		ct.action = action_for(svc, p->flow.proto);
 		ct.hash = hash;
+		ct.gen = svc->gen;
 		fresh = 1;
 		stat_inc(XLB_EV_CT_NEW);
 		if (p->flow.proto == IPPROTO_TCP && !syn)
@@ -858,24 +868,48 @@ static __always_inline int ip4_header_ok(struct xdp_md *ctx, const struct pkt *p
 	return ip4_csum20((__u16 *)ip) == 0;
 }
 
-/* lb_l4 is the common path once the 5-tuple is known. */
+/* lb_l4 is the common path once the 5-tuple is known. An established flow
+ * (conntrack hit of a live service generation; a SYN always picks afresh)
+ * needs no frontend lookup. */
 static __always_inline int lb_l4(struct xdp_md *ctx, struct pkt *p, __u8 ttl)
 {
-	struct xlb_vip key = {};
-	struct xlb_service *svc;
+	__u32 zero = 0;
+	struct xlb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
+	struct xlb_service *svc = 0;
+	struct xlb_ct *hit = 0;
+	int syn = 0, rst = 0;
 
-	__builtin_memcpy(key.addr, p->flow.dst, 16);
-	key.port = p->flow.dport;
-	key.proto = p->flow.proto;
-	key.family = p->flow.family;
-	svc = bpf_map_lookup_elem(&lb_services, &key);
-	if (!svc)
-		return snat_reply(ctx, p);
+	if (!cfg)
+		return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
+	if (p->flow.proto == IPPROTO_TCP) {
+		syn = (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+		rst = p->tcp_flags & TCP_FLAG_RST;
+	}
+	if (!syn) {
+		hit = bpf_map_lookup_elem(&lb_ct, &p->flow);
+		if (hit) {
+			__u32 *gen = bpf_map_lookup_elem(&lb_svc_gen, &hit->svc_id);
+
+			if (!gen || !hit->gen || *gen != hit->gen)
+				hit = 0; /* its service is gone: a new flow if the frontend still exists */
+		}
+	}
+	if (!hit) {
+		struct xlb_vip key = {};
+
+		__builtin_memcpy(key.addr, p->flow.dst, 16);
+		key.port = p->flow.dport;
+		key.proto = p->flow.proto;
+		key.family = p->flow.family;
+		svc = bpf_map_lookup_elem(&lb_services, &key);
+		if (!svc)
+			return snat_reply(ctx, p);
+	}
 	if (ttl <= 1)
 		return verdict(XLB_PASS_TTL, XDP_PASS);
 	if (p->flow.family == XLB_AF_INET && !ip4_header_ok(ctx, p))
 		return verdict(XLB_PASS_BAD_CSUM, XDP_PASS);
-	return forward(ctx, p, svc);
+	return forward(ctx, p, cfg, svc, hit, syn, rst);
 }
 
 /* icmp_error forwards an ICMP error about a VIP flow to that flow's

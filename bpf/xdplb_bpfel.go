@@ -57,6 +57,7 @@ type XdplbXlbCt struct {
 	Action   uint8
 	Pad      uint8
 	Hash     uint32
+	Gen      uint32
 }
 
 type XdplbXlbDispatch uint32
@@ -94,7 +95,7 @@ const (
 type XdplbXlbMeta struct {
 	_             structs.HostLayout
 	LayoutVersion uint32
-	Pad           uint32
+	GenSeq        uint32
 }
 
 type XdplbXlbMode uint32
@@ -112,7 +113,7 @@ type XdplbXlbService struct {
 	Mode     uint8
 	Dispatch uint8
 	Flags    uint16
-	Pad      uint32
+	Gen      uint32
 }
 
 type XdplbXlbSnat struct {
@@ -204,6 +205,7 @@ const (
 	XdplbMapLbServices        = "lb_services"
 	XdplbMapLbSnat            = "lb_snat"
 	XdplbMapLbStats           = "lb_stats"
+	XdplbMapLbSvcGen          = "lb_svc_gen"
 	XdplbMapLbSvcStats        = "lb_svc_stats"
 	XdplbMapLbTables          = "lb_tables"
 	XdplbProgXdpPass          = "xdp_pass"
@@ -275,6 +277,7 @@ type XdplbMapSpecs struct {
 	LbServices *ebpf.MapSpec `ebpf:"lb_services"`
 	LbSnat     *ebpf.MapSpec `ebpf:"lb_snat"`
 	LbStats    *ebpf.MapSpec `ebpf:"lb_stats"`
+	LbSvcGen   *ebpf.MapSpec `ebpf:"lb_svc_gen"`
 	LbSvcStats *ebpf.MapSpec `ebpf:"lb_svc_stats"`
 	LbTables   *ebpf.MapSpec `ebpf:"lb_tables"`
 }
@@ -320,6 +323,7 @@ type XdplbMaps struct {
 	LbServices *ebpf.Map `ebpf:"lb_services"`
 	LbSnat     *ebpf.Map `ebpf:"lb_snat"`
 	LbStats    *ebpf.Map `ebpf:"lb_stats"`
+	LbSvcGen   *ebpf.Map `ebpf:"lb_svc_gen"`
 	LbSvcStats *ebpf.Map `ebpf:"lb_svc_stats"`
 	LbTables   *ebpf.Map `ebpf:"lb_tables"`
 }
@@ -334,6 +338,7 @@ func (m *XdplbMaps) Close() error {
 		m.LbServices,
 		m.LbSnat,
 		m.LbStats,
+		m.LbSvcGen,
 		m.LbSvcStats,
 		m.LbTables,
 	)

@@ -86,6 +86,7 @@ func Spec(p Params) (lb, dsr *ebpf.CollectionSpec, err error) {
 		{lb, bpf.XdplbMapLbServices, p.MaxServices},
 		{lb, bpf.XdplbMapLbTables, p.MaxServices},
 		{lb, bpf.XdplbMapLbSvcStats, p.MaxServices},
+		{lb, bpf.XdplbMapLbSvcGen, p.MaxServices},
 		{lb, bpf.XdplbMapLbBackends, p.MaxBackends},
 		{lb, bpf.XdplbMapLbBeStats, p.MaxBackends},
 		{lb, bpf.XdplbMapLbCt, p.MaxFlows},
@@ -174,7 +175,11 @@ func Open(cfg Config, root string, log *slog.Logger) (_ *Datapath, err error) {
 			return nil, fmt.Errorf("load %s: %w", c.name, err)
 		}
 	}
-	meta := bpf.XdplbXlbMeta{LayoutVersion: LayoutVersion}
+	var meta bpf.XdplbXlbMeta
+	if err := d.lb.LbMeta.Lookup(uint32(0), &meta); err != nil {
+		return nil, fmt.Errorf("read lb_meta: %w", err)
+	}
+	meta.LayoutVersion = LayoutVersion // gen_seq carries over from an adopted map
 	if err := d.lb.LbMeta.Put(uint32(0), meta); err != nil {
 		return nil, fmt.Errorf("write lb_meta: %w", err)
 	}

@@ -306,6 +306,7 @@ func (d *Datapath) Sync(desired []Service) (res SyncResult, err error) {
 		value := bpf.XdplbXlbService{Size: size, Mode: modeOf(s.Mode), Dispatch: dispatchOf(s.Dispatch)}
 		if old != nil {
 			value.Id = old.id
+			value.Gen = old.value.Gen
 			if old.value == value && old.fp == fp && slices.Equal(old.beIDs, ids) && (fp != "" || size == 0) {
 				res.Unchanged++
 				continue
@@ -318,6 +319,9 @@ func (d *Datapath) Sync(desired []Service) (res SyncResult, err error) {
 			return res, err
 		}
 		value.Id = id
+		if value.Gen, err = d.nextGen(); err != nil {
+			return res, err
+		}
 		resetSvc = append(resetSvc, id)
 		plans = append(plans, plan{key: key, st: &svcState{id: id}, value: value, table: table, ids: ids, isNew: true})
 	}
@@ -327,6 +331,10 @@ func (d *Datapath) Sync(desired []Service) (res SyncResult, err error) {
 	}
 	for _, p := range plans {
 		value := p.value
+		// The generation goes live before the frontend can be found.
+		if err := d.lb.LbSvcGen.Put(p.st.id, value.Gen); err != nil {
+			return res, mapErr("lb_svc_gen", err)
+		}
 		if !p.table.Empty() {
 			if err := d.writeTable(p.st.id, p.table, p.ids); err != nil {
 				return res, err
@@ -359,6 +367,10 @@ func (d *Datapath) Sync(desired []Service) (res SyncResult, err error) {
 			return res, mapErr("lb_services", err)
 		}
 		d.lb.LbTables.Delete(s.id)
+		// Conntrack entries of the service are stale from now on.
+		if err := d.lb.LbSvcGen.Put(s.id, uint32(0)); err != nil {
+			return res, mapErr("lb_svc_gen", err)
+		}
 		delete(st.svcs, key)
 		delete(st.svcUsed, s.id)
 		res.Deleted++
@@ -378,6 +390,23 @@ func (d *Datapath) Sync(desired []Service) (res SyncResult, err error) {
 		return res, err
 	}
 	return res, nil
+}
+
+// nextGen hands out a service generation, never reused (lb_meta.gen_seq
+// is pinned with the maps).
+func (d *Datapath) nextGen() (uint32, error) {
+	var meta bpf.XdplbXlbMeta
+	if err := d.lb.LbMeta.Lookup(uint32(0), &meta); err != nil {
+		return 0, fmt.Errorf("read lb_meta: %w", err)
+	}
+	meta.GenSeq++
+	if meta.GenSeq == 0 {
+		meta.GenSeq = 1
+	}
+	if err := d.lb.LbMeta.Put(uint32(0), meta); err != nil {
+		return 0, mapErr("lb_meta", err)
+	}
+	return meta.GenSeq, nil
 }
 
 // writeTable builds the service's Maglev table in a new inner map and swaps

@@ -75,7 +75,7 @@ struct xlb_service {
 	__u8 mode;      /* enum xlb_mode */
 	__u8 dispatch;  /* enum xlb_dispatch */
 	__u16 flags;
-	__u32 pad;
+	__u32 gen;      /* generation of the id, as in lb_svc_gen[id] */
 };
 
 /* lb_backends value (indexed by backend id) and part of a conntrack entry. */
@@ -117,6 +117,7 @@ struct xlb_ct {
 	__u8 action;     /* enum xlb_action */
 	__u8 pad;
 	__u32 hash;      /* the flow hash: not recomputed for established flows */
+	__u32 gen;       /* service generation: the entry is stale unless lb_svc_gen[svc_id] == gen */
 };
 
 /* lb_snat key: a reply from a backend to the node address, as it arrives. */
@@ -153,7 +154,7 @@ struct xlb_config {
 /* lb_meta[0] / dsr_meta[0]: describes the pinned maps. */
 struct xlb_meta {
 	__u32 layout_version; /* XLB_LAYOUT_VERSION */
-	__u32 pad;
+	__u32 gen_seq;        /* last service generation handed out (lb_meta) */
 };
 
 /* Per-service counters (per-CPU array indexed by service id). */

@@ -2,23 +2,27 @@ package xdplb
 
 import (
 	"net/netip"
+	"runtime"
 	"testing"
-	"time"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/shuntmesh/shunt/agent/xdp"
 	"github.com/shuntmesh/shunt/mesh"
+	"github.com/shuntmesh/shunt/test/bench"
 )
 
-// Go benchmarks of the load balancer through BPF_PROG_TEST_RUN, one run
-// per call (the kernel does not restore the packet between repetitions, and
-// xdplb rewrites it). Reported: "kernel-ns/pkt", the kernel's time for the
-// run, next to the empty-program overhead, for both conntrack LRU kinds.
-// `shuntctl bench xdp` does the same with medians and interleaving.
+// Go benchmarks of the load balancer through BPF_PROG_TEST_RUN with repeat
+// b.N: bench.Replayer hands each run the next frame (the kernel does not
+// restore the packet between runs, and xdplb rewrites it) and tail-calls
+// the program. Reported: "kernel-ns/pkt", the kernel's mean time per run,
+// next to an empty program run the same way, for both conntrack LRU kinds.
+// `shuntctl bench xdp` does the same with interleaved repetitions.
 
 func benchLB(b *testing.B, conntrack string) *xdp.Datapath {
 	b.Helper()
 	requireRoot(b)
-	cfg := xdp.Config{Seed: testSeed, NodeAddr: node4.String(), Conntrack: conntrack, MaxFlows: 1 << 20, MaxServices: 16, MaxBackends: 64}
+	cfg := xdp.Config{Seed: testSeed, NodeAddr: node4.String(), Conntrack: conntrack, MaxFlows: 1 << 21, MaxServices: 16, MaxBackends: 64}
 	d, err := xdp.Open(cfg, "", nil)
 	if err != nil {
 		b.Fatal(err)
@@ -43,50 +47,55 @@ func probe(b *testing.B, i int) []byte {
 	return f
 }
 
-func runBench(b *testing.B, d *xdp.Datapath, pass bool, frame func(i int) []byte) {
-	prog := d.Program()
-	if pass {
-		prog = d.PassProgram()
-	}
-	var total time.Duration
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		_, dur, err := prog.Benchmark(frame(i), 1, nil)
-		if err != nil {
-			b.Fatal(err)
-		}
-		total += dur
-	}
-	b.ReportMetric(float64(total.Nanoseconds())/float64(b.N), "kernel-ns/pkt")
-}
-
 func BenchmarkXDP(b *testing.B) {
+	const established = 50000
+	cpu := runtime.NumCPU() - 1
+	rp, err := bench.NewReplayer(established + 1<<20)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer rp.Close()
+	flows := make([][]byte, established)
+	for i := range flows {
+		flows[i] = probe(b, i)
+	}
+	if err := rp.Load(0, flows); err != nil {
+		b.Fatal(err)
+	}
+	next := 1 << 20
 	for _, lru := range []string{"percpu", "shared"} {
 		b.Run("lru="+lru, func(b *testing.B) {
 			d := benchLB(b, lru)
-			hot := probe(b, 0)
-			if _, _, err := xdp.RunXDP(d.Program(), hot); err != nil {
-				b.Fatal(err)
+			for _, f := range flows {
+				if _, _, err := xdp.RunXDP(d.Program(), f); err != nil {
+					b.Fatal(err)
+				}
 			}
-			b.Run("empty-program", func(b *testing.B) { runBench(b, d, true, func(int) []byte { return hot }) })
-			b.Run("hot-flow", func(b *testing.B) { runBench(b, d, false, func(int) []byte { return hot }) })
-			next := 1 << 20
+			run := func(b *testing.B, prog *ebpf.Program, base, n int) {
+				if err := rp.Position(map[int][2]int{cpu: {base, n}}); err != nil {
+					b.Fatal(err)
+				}
+				b.ResetTimer()
+				ns, err := rp.Run(prog, cpu, false, b.N)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(ns, "kernel-ns/pkt")
+			}
+			b.Run("empty-program", func(b *testing.B) { run(b, d.PassProgram(), 0, 1) })
+			b.Run("hot-flow", func(b *testing.B) { run(b, d.Program(), 0, 1) })
+			b.Run("established-flows", func(b *testing.B) { run(b, d.Program(), 0, established) })
 			b.Run("new-flow", func(b *testing.B) {
-				frames := make([][]byte, b.N)
-				for i := range frames {
-					frames[i] = probe(b, next)
+				n := min(b.N, 1<<20)
+				fresh := make([][]byte, n)
+				for i := range fresh {
+					fresh[i] = probe(b, next)
 					next++
 				}
-				runBench(b, d, false, func(i int) []byte { return frames[i] })
-			})
-			const nflows = 50000
-			many := make([][]byte, nflows)
-			for i := range many {
-				many[i] = probe(b, 1+i)
-				xdp.RunXDP(d.Program(), many[i])
-			}
-			b.Run("many-flows", func(b *testing.B) {
-				runBench(b, d, false, func(i int) []byte { return many[(i*7919)%nflows] })
+				if err := rp.Load(established, fresh); err != nil {
+					b.Fatal(err)
+				}
+				run(b, d.Program(), established, n)
 			})
 		})
 	}

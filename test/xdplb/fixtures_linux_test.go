@@ -431,3 +431,44 @@ func TestWhichMatchesMaglev(t *testing.T) {
 	}
 	_ = mesh.TCP
 }
+
+// TestConntrackFollowsService: established flows are forwarded from
+// conntrack without a frontend lookup, but only while their service lives:
+// once it is deleted they pass to the kernel, and when the frontend comes
+// back they are picked afresh (their old entries are stale).
+func TestConntrackFollowsService(t *testing.T) {
+	svcs := fixtureServices()
+	d := newLB(t, svcs)
+	syn := pk{src: c4(45000), dst: ap("10.96.0.1:80"), flags: "S"}
+	ack := syn
+	ack.flags = "A"
+	step := func(name string, in []byte, verdict uint32, want ...string) {
+		t.Helper()
+		before := readStats(t, d)
+		v, _, err := xdp.RunXDP(d.Program(), in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		after := readStats(t, d)
+		got := map[string]uint64{}
+		for i, n := range xdp.StatNames {
+			if after[i] != before[i] {
+				got[n] = after[i] - before[i]
+			}
+		}
+		if v != verdict || fmt.Sprint(got) != fmt.Sprint(stats(want...)) {
+			t.Errorf("%s: %s %v, want %s %v", name, xdp.VerdictName(v), got, xdp.VerdictName(verdict), stats(want...))
+		}
+	}
+	step("SYN", syn.bytes(t), xdp.XDPTx, "tx_ipip", "ct_new")
+	step("ACK", ack.bytes(t), xdp.XDPTx, "tx_ipip", "ct_hit")
+	if _, err := d.Sync(svcs[1:]); err != nil { // delete 10.96.0.1:80
+		t.Fatal(err)
+	}
+	step("ACK after the service was deleted", ack.bytes(t), xdp.XDPPass, "pass_not_vip")
+	if _, err := d.Sync(svcs); err != nil {
+		t.Fatal(err)
+	}
+	step("ACK after the frontend came back", ack.bytes(t), xdp.XDPTx, "tx_ipip", "ct_new", "ct_midflow")
+	step("ACK again", ack.bytes(t), xdp.XDPTx, "tx_ipip", "ct_hit")
+}

@@ -28,8 +28,8 @@ const benchUsage = `usage:
       client → sidecar proxy (→ server's sidecar) → server: direct, Istio-style iptables REDIRECT,
       Shunt steering with sockmap off, auto and on; every byte verified, counters prove each path
       (workloads: rr<size>[x<conns>] request/response, stream[<size>]; sizes take a k suffix)
-
-  shuntctl bench xdp [--reps 5] [--calls 20000] [--flows 100000] [--duration 2s] [--cpu N] [--no-throughput] [--markdown]
+  shuntctl bench xdp [--reps 5] [--calls 20000] [--flows 100000] [--duration 2s] [--cpu N] [--no-throughput]
+                     [--realtime=true] [--markdown]
       XDP load balancer: ns/packet via BPF_PROG_TEST_RUN (hot flow, new flow, many flows;
       per-CPU vs shared LRU), Mpps through veth vs kernel forwarding + iptables DNAT
   shuntctl bench xds [--services 3000] [--backends 30] [--clients 100] [--changes 100] [--reps 5]
@@ -194,6 +194,7 @@ func benchXDP(args []string, stdout, stderr io.Writer) error {
 	cpu := fs.Int("cpu", runtime.NumCPU()-1, "CPU of the single-threaded runs and of the generator")
 	noTput := fs.Bool("no-throughput", false, "skip the veth throughput part")
 	md := fs.Bool("markdown", false, "print only the Markdown tables")
+	rt := fs.Bool("realtime", true, "measuring threads SCHED_FIFO while they run (other load cannot preempt them)")
 	if err := fs.Parse(args); err != nil {
 		return fmt.Errorf("bench xdp: %w", err)
 	}
@@ -203,7 +204,7 @@ func benchXDP(args []string, stdout, stderr io.Writer) error {
 	ctx, stop := signalContext()
 	defer stop()
 	return interrupted(ctx, bench.RunXDP(ctx, bench.XDPOptions{Reps: *reps, Calls: *calls, Flows: *flows, Duration: *dur, CPU: *cpu,
-		SkipThroughput: *noTput, Markdown: *md, Log: stderr}, stdout))
+		SkipThroughput: *noTput, Realtime: *rt, Markdown: *md, Log: stderr}, stdout))
 }
 
 func benchXDS(args []string, stdout, stderr io.Writer) error {
