@@ -547,15 +547,8 @@ func (r *sidecarRun) startProxy(ctx context.Context, kind string, p *benchPod, l
 		release()
 		return nil, err
 	}
-	if err := e.track(cmd); err != nil {
-		release()
+	if err := e.launch(cmd, release, desc); err != nil {
 		return nil, err
-	}
-	err = cmd.Start()
-	release()
-	if err != nil {
-		e.untrack(cmd)
-		return nil, fmt.Errorf("start %s: %w", desc, err)
 	}
 	px.cmd = cmd
 	deadline := time.Now().Add(10 * time.Second)
@@ -817,12 +810,7 @@ func (e *env) syscallsDuring(pids []int, f func() error) (n uint64, ok bool, err
 		cmd := exec.Command("perf", "stat", "-x,", "--no-big-num", "-e", "raw_syscalls:sys_enter", "-p", strconv.Itoa(pid))
 		cmd.Stderr = out
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-		if err := e.track(cmd); err != nil {
-			out.Close()
-			return 0, false, err
-		}
-		if err := cmd.Start(); err != nil {
-			e.untrack(cmd)
+		if err := e.launch(cmd, nil, "perf"); err != nil {
 			out.Close()
 			return 0, false, nil
 		}
