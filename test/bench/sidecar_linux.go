@@ -65,20 +65,20 @@ func (o SidecarOptions) withDefaults() SidecarOptions {
 		o.Proxies = []string{ProxyHAProxy, ProxyGo}
 	}
 	if o.Quick {
-		o.Reps = cmp(o.Reps, 1)
-		o.Duration = cmp(o.Duration, 150*time.Millisecond)
-		o.Slice = cmp(o.Slice, 150*time.Millisecond)
-		o.Warmup = cmp(o.Warmup, 50*time.Millisecond)
+		o.Reps = orDefault(o.Reps, 1)
+		o.Duration = orDefault(o.Duration, 150*time.Millisecond)
+		o.Slice = orDefault(o.Slice, 150*time.Millisecond)
+		o.Warmup = orDefault(o.Warmup, 50*time.Millisecond)
 	}
-	o.Reps = cmp(o.Reps, 5)
-	o.Duration = cmp(o.Duration, time.Second)
-	o.Slice = cmp(o.Slice, 250*time.Millisecond)
-	o.Warmup = cmp(o.Warmup, 250*time.Millisecond)
+	o.Reps = orDefault(o.Reps, 5)
+	o.Duration = orDefault(o.Duration, time.Second)
+	o.Slice = orDefault(o.Slice, 250*time.Millisecond)
+	o.Warmup = orDefault(o.Warmup, 250*time.Millisecond)
 	return o
 }
 
-// cmp returns v, or def when v is the zero value.
-func cmp[T comparable](v, def T) T {
+// orDefault returns v, or def when v is the zero value.
+func orDefault[T comparable](v, def T) T {
 	var zero T
 	if v == zero {
 		return def
