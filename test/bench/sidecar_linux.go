@@ -1093,7 +1093,9 @@ func (r *sidecarRun) phase(ctx context.Context, topo int, w Workload) (_ []*Side
 				continue
 			}
 			var res SidecarClientResult
+			ran := false
 			n, ok, err := r.e.syscallsDuring(pids, func() (err error) {
+				ran = true
 				res, err = c.run(ctx, 0, sliceDur)
 				return err
 			})
@@ -1103,7 +1105,9 @@ func (r *sidecarRun) phase(ctx context.Context, topo int, w Workload) (_ []*Side
 			if ok && res.RunTx > 0 {
 				c.out.ProxySyscalls = float64(n) / float64(res.RunTx)
 			}
-			last[i] = res
+			if ran {
+				last[i] = res // its totals include this slice
+			}
 		}
 	}
 	for i, c := range cells {
