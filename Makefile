@@ -1,7 +1,7 @@
 GO ?= go
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build deps generate check test demo bench clean
+.PHONY: all build deps generate check test demo bench bench-sidecar clean
 
 all: build
 
@@ -33,6 +33,10 @@ demo: deps build
 
 bench: deps build
 	./bin/shuntctl bench connect
+
+# Sidecar chain: direct vs iptables REDIRECT vs Shunt steering + sockmap off/auto/on.
+bench-sidecar: deps build
+	./bin/shuntctl bench sidecar
 
 clean:
 	rm -rf bin

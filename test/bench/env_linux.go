@@ -178,9 +178,8 @@ func (e *env) untrack(cmd *exec.Cmd) {
 }
 
 // startServer starts a server worker (args: the worker's name and flags)
-// and waits until it listens. It runs
-// until the env is closed (its stdin is a pipe from this process, so it
-// also ends if this process dies).
+// and waits until it listens. It runs until the env is closed (its stdin is
+// a pipe from this process, so it also ends if this process dies).
 func (e *env) startServer(netns, cgroup string, args ...string) error {
 	cmd, release, err := e.command(netns, cgroup, args...)
 	if err != nil {
@@ -197,15 +196,8 @@ func (e *env) startServer(netns, cgroup string, args ...string) error {
 	}
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
-	if err := e.track(cmd); err != nil {
-		release()
+	if err := e.launch(cmd, release, "server"); err != nil {
 		return err
-	}
-	err = cmd.Start()
-	release()
-	if err != nil {
-		e.untrack(cmd)
-		return fmt.Errorf("start server: %w", err)
 	}
 	ready := make(chan error, 1)
 	go func() {
@@ -263,17 +255,26 @@ func (e *env) startControlled(desc, netns, cgroup string, uid int, args ...strin
 		return nil, err
 	}
 	p.out = bufio.NewReader(out)
-	if err := e.track(cmd); err != nil {
-		release()
+	if err := e.launch(cmd, release, desc); err != nil {
 		return nil, err
 	}
-	err = cmd.Start()
-	release()
-	if err != nil {
-		e.untrack(cmd)
-		return nil, fmt.Errorf("start %s: %w", desc, err)
-	}
 	return p, nil
+}
+
+// launch starts a prepared command and tracks it (stopped by close);
+// release (if not nil) is called once it started or failed.
+func (e *env) launch(cmd *exec.Cmd, release func(), desc string) error {
+	if release != nil {
+		defer release()
+	}
+	if err := e.track(cmd); err != nil {
+		return err
+	}
+	if err := cmd.Start(); err != nil {
+		e.untrack(cmd)
+		return fmt.Errorf("start %s: %w", desc, err)
+	}
+	return nil
 }
 
 // request sends one line and returns the answer line; the worker is

@@ -65,20 +65,20 @@ func (o SidecarOptions) withDefaults() SidecarOptions {
 		o.Proxies = []string{ProxyHAProxy, ProxyGo}
 	}
 	if o.Quick {
-		o.Reps = cmp(o.Reps, 1)
-		o.Duration = cmp(o.Duration, 150*time.Millisecond)
-		o.Slice = cmp(o.Slice, 150*time.Millisecond)
-		o.Warmup = cmp(o.Warmup, 50*time.Millisecond)
+		o.Reps = orDefault(o.Reps, 1)
+		o.Duration = orDefault(o.Duration, 150*time.Millisecond)
+		o.Slice = orDefault(o.Slice, 150*time.Millisecond)
+		o.Warmup = orDefault(o.Warmup, 50*time.Millisecond)
 	}
-	o.Reps = cmp(o.Reps, 5)
-	o.Duration = cmp(o.Duration, time.Second)
-	o.Slice = cmp(o.Slice, 250*time.Millisecond)
-	o.Warmup = cmp(o.Warmup, 250*time.Millisecond)
+	o.Reps = orDefault(o.Reps, 5)
+	o.Duration = orDefault(o.Duration, time.Second)
+	o.Slice = orDefault(o.Slice, 250*time.Millisecond)
+	o.Warmup = orDefault(o.Warmup, 250*time.Millisecond)
 	return o
 }
 
-// cmp returns v, or def when v is the zero value.
-func cmp[T comparable](v, def T) T {
+// orDefault returns v, or def when v is the zero value.
+func orDefault[T comparable](v, def T) T {
 	var zero T
 	if v == zero {
 		return def
@@ -547,15 +547,8 @@ func (r *sidecarRun) startProxy(ctx context.Context, kind string, p *benchPod, l
 		release()
 		return nil, err
 	}
-	if err := e.track(cmd); err != nil {
-		release()
+	if err := e.launch(cmd, release, desc); err != nil {
 		return nil, err
-	}
-	err = cmd.Start()
-	release()
-	if err != nil {
-		e.untrack(cmd)
-		return nil, fmt.Errorf("start %s: %w", desc, err)
 	}
 	px.cmd = cmd
 	deadline := time.Now().Add(10 * time.Second)
@@ -817,12 +810,7 @@ func (e *env) syscallsDuring(pids []int, f func() error) (n uint64, ok bool, err
 		cmd := exec.Command("perf", "stat", "-x,", "--no-big-num", "-e", "raw_syscalls:sys_enter", "-p", strconv.Itoa(pid))
 		cmd.Stderr = out
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-		if err := e.track(cmd); err != nil {
-			out.Close()
-			return 0, false, err
-		}
-		if err := cmd.Start(); err != nil {
-			e.untrack(cmd)
+		if err := e.launch(cmd, nil, "perf"); err != nil {
 			out.Close()
 			return 0, false, nil
 		}
@@ -1105,7 +1093,9 @@ func (r *sidecarRun) phase(ctx context.Context, topo int, w Workload) (_ []*Side
 				continue
 			}
 			var res SidecarClientResult
+			ran := false
 			n, ok, err := r.e.syscallsDuring(pids, func() (err error) {
+				ran = true
 				res, err = c.run(ctx, 0, sliceDur)
 				return err
 			})
@@ -1115,7 +1105,9 @@ func (r *sidecarRun) phase(ctx context.Context, topo int, w Workload) (_ []*Side
 			if ok && res.RunTx > 0 {
 				c.out.ProxySyscalls = float64(n) / float64(res.RunTx)
 			}
-			last[i] = res
+			if ran {
+				last[i] = res // its totals include this slice
+			}
 		}
 	}
 	for i, c := range cells {

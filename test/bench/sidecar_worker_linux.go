@@ -15,7 +15,6 @@ import (
 	"os/signal"
 	"runtime"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -49,18 +48,37 @@ type blockingIO struct {
 	eagain atomic.Uint64
 }
 
-func (b *blockingIO) readFull(p []byte) error {
-	for len(p) > 0 {
-		n, err := unix.Read(b.fd, p)
+// retry runs a blocking syscall again while it fails with EINTR or EAGAIN.
+func (b *blockingIO) retry(f func() (int, error)) (int, error) {
+	for {
+		n, err := f()
 		switch {
 		case errors.Is(err, unix.EINTR):
 			continue
 		case errors.Is(err, unix.EAGAIN):
 			b.eagain.Add(1)
 			continue
-		case err != nil:
-			return fmt.Errorf("read: %w", err)
-		case n == 0:
+		}
+		return n, err
+	}
+}
+
+// read is one read of up to len(p) bytes (0: end of stream).
+func (b *blockingIO) read(p []byte) (int, error) {
+	n, err := b.retry(func() (int, error) { return unix.Read(b.fd, p) })
+	if err != nil {
+		return 0, fmt.Errorf("read: %w", err)
+	}
+	return n, nil
+}
+
+func (b *blockingIO) readFull(p []byte) error {
+	for len(p) > 0 {
+		n, err := b.read(p)
+		if err != nil {
+			return err
+		}
+		if n == 0 {
 			return io.ErrUnexpectedEOF
 		}
 		p = p[n:]
@@ -68,33 +86,10 @@ func (b *blockingIO) readFull(p []byte) error {
 	return nil
 }
 
-// read is one read of up to len(p) bytes (0: end of stream).
-func (b *blockingIO) read(p []byte) (int, error) {
-	for {
-		n, err := unix.Read(b.fd, p)
-		switch {
-		case errors.Is(err, unix.EINTR):
-			continue
-		case errors.Is(err, unix.EAGAIN):
-			b.eagain.Add(1)
-			continue
-		case err != nil:
-			return 0, fmt.Errorf("read: %w", err)
-		}
-		return n, nil
-	}
-}
-
 func (b *blockingIO) writeAll(p []byte) error {
 	for len(p) > 0 {
-		n, err := unix.Write(b.fd, p)
-		switch {
-		case errors.Is(err, unix.EINTR):
-			continue
-		case errors.Is(err, unix.EAGAIN):
-			b.eagain.Add(1)
-			continue
-		case err != nil:
+		n, err := b.retry(func() (int, error) { return unix.Write(b.fd, p) })
+		if err != nil {
 			return fmt.Errorf("write: %w", err)
 		}
 		p = p[n:]
@@ -122,24 +117,9 @@ func echoMain(args []string, stdout io.Writer) error {
 	}
 	pool := PayloadPool(*maxSize)
 	hello := Hello(*id)
-	errc := make(chan error, 2)
+	errc := make(chan error, 3)
 	go func() {
-		runtime.LockOSThread()
-		if err := pinThread(*cpu); err != nil {
-			errc <- err
-			return
-		}
-		for {
-			fd, _, err := unix.Accept4(ln, unix.SOCK_CLOEXEC)
-			if err != nil {
-				if errors.Is(err, unix.EINTR) || errors.Is(err, unix.ECONNABORTED) {
-					continue
-				}
-				errc <- fmt.Errorf("accept: %w", err)
-				return
-			}
-			go serveEcho(fd, *cpu, hello, pool)
-		}
+		errc <- acceptLoop(ln, *cpu, func(fd int) { go serveEcho(fd, *cpu, hello, pool) })
 	}()
 	return waitStop(stdout, errc)
 }
@@ -321,27 +301,10 @@ func sclientMain(args []string, stdout io.Writer) error {
 	if err := pinThread(*cpu); err != nil {
 		return err
 	}
-	enc := json.NewEncoder(stdout)
-	in := bufio.NewScanner(os.Stdin)
-	for in.Scan() {
-		f := strings.Fields(in.Text())
-		if len(f) != 2 {
-			return fmt.Errorf("control: want \"WARMUP DURATION\", got %q", in.Text())
-		}
-		warm, err1 := time.ParseDuration(f[0])
-		dur, err2 := time.ParseDuration(f[1])
-		if err := errors.Join(err1, err2); err != nil {
-			return fmt.Errorf("control: %w", err)
-		}
+	return controlLoop(stdout, func(warm, dur time.Duration) (any, bool) {
 		res := c.run(warm, dur)
-		if err := enc.Encode(res); err != nil {
-			return err
-		}
-		if res.Err != "" {
-			return nil
-		}
-	}
-	return in.Err()
+		return res, res.Err != ""
+	})
 }
 
 func (c *scClient) run(warm, dur time.Duration) SidecarClientResult {

@@ -9,10 +9,8 @@ import (
 	"io"
 	"net/netip"
 	"os"
-	"os/signal"
 	"runtime"
 	"strings"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -267,6 +265,17 @@ func clientMain(args []string, stdout io.Writer) error {
 	if !*control {
 		return enc.Encode(c.loop(*warm, *dur))
 	}
+	return controlLoop(stdout, func(warm, dur time.Duration) (any, bool) {
+		res := c.loop(warm, dur)
+		return res, res.Err != ""
+	})
+}
+
+// controlLoop runs once per line "WARMUP DURATION" (Go durations) on
+// standard input and prints each result as one JSON line; it ends at the
+// end of its input or after a failed run.
+func controlLoop(stdout io.Writer, run func(warm, dur time.Duration) (result any, failed bool)) error {
+	enc := json.NewEncoder(stdout)
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
 		f := strings.Fields(in.Text())
@@ -278,11 +287,11 @@ func clientMain(args []string, stdout io.Writer) error {
 		if err := errors.Join(err1, err2); err != nil {
 			return fmt.Errorf("control: %w", err)
 		}
-		res := c.loop(w, d)
+		res, failed := run(w, d)
 		if err := enc.Encode(res); err != nil {
 			return err
 		}
-		if res.Err != "" {
+		if failed {
 			return nil
 		}
 	}
@@ -301,54 +310,40 @@ func serverMain(args []string, stdout io.Writer) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	ln, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	ln, err := listen4(netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(*port)))
 	if err != nil {
 		return err
 	}
-	if err := unix.SetsockoptInt(ln, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
-		return err
-	}
-	if err := unix.Bind(ln, &unix.SockaddrInet4{Port: *port}); err != nil {
-		return fmt.Errorf("bind 0.0.0.0:%d: %w", *port, err)
-	}
-	if err := unix.Listen(ln, 4096); err != nil {
-		return err
-	}
-	errc := make(chan error, *threads+1)
+	errc := make(chan error, *threads+2)
 	for range *threads {
 		go func() {
-			runtime.LockOSThread()
-			if err := pinThread(*cpu); err != nil {
-				errc <- err
-				return
-			}
 			buf := make([]byte, 1)
-			for {
-				fd, _, err := unix.Accept4(ln, unix.SOCK_CLOEXEC)
-				if err != nil {
-					if errors.Is(err, unix.EINTR) || errors.Is(err, unix.ECONNABORTED) {
-						continue
-					}
-					errc <- fmt.Errorf("accept: %w", err)
-					return
-				}
+			errc <- acceptLoop(ln, *cpu, func(fd int) {
 				if n, err := retry(func() (int, error) { return unix.Read(fd, buf) }); err == nil && n == 1 {
 					retry(func() (int, error) { return unix.Write(fd, buf) })
 				}
 				unix.Close(fd)
-			}
+			})
 		}()
 	}
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
-	go func() {
-		io.Copy(io.Discard, bufio.NewReader(os.Stdin))
-		errc <- nil
-	}()
-	go func() {
-		<-sig
-		errc <- nil
-	}()
-	fmt.Fprintln(stdout, "ready")
-	return <-errc
+	return waitStop(stdout, errc)
+}
+
+// acceptLoop accepts on ln from a locked OS thread pinned to cpu and hands
+// each connection to serve, until accept fails.
+func acceptLoop(ln, cpu int, serve func(fd int)) error {
+	runtime.LockOSThread()
+	if err := pinThread(cpu); err != nil {
+		return err
+	}
+	for {
+		fd, _, err := unix.Accept4(ln, unix.SOCK_CLOEXEC)
+		if err != nil {
+			if errors.Is(err, unix.EINTR) || errors.Is(err, unix.ECONNABORTED) {
+				continue
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		serve(fd)
+	}
 }
