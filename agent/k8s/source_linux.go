@@ -377,13 +377,13 @@ func (s *Source) armRetry(timer *time.Timer) {
 
 // change is one delta under construction, with the keys it came from.
 type change struct {
-	svcs     map[string]mesh.Service // name -> upsert
-	svcOf    map[string]string       // mesh name -> service key
-	delSvcs  map[string]string       // name -> service key
-	names    map[string][]string     // service key -> its complete new name list
-	pods     map[string]podState     // pod key -> upsert
-	delPods  map[string]bool
-	since    map[string]time.Time // dirty key -> first event
+	svcs      map[string]mesh.Service // name -> upsert
+	svcOf     map[string]string       // mesh name -> service key
+	delSvcs   map[string]string       // name -> service key
+	names     map[string][]string     // service key -> its complete new name list
+	pods      map[string]podState     // pod key -> upsert
+	delPods   map[string]bool
+	since     map[string]time.Time // dirty key -> first event
 	replace   bool
 	conflicts map[string]bool // service keys that lost a frontend conflict
 }
