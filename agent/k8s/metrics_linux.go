@@ -11,6 +11,8 @@ type metrics struct {
 	objects     *prometheus.Desc
 	rejected    *prometheus.CounterVec
 	watchErrors *prometheus.CounterVec
+	apiErrors   prometheus.Counter
+	apiUp       prometheus.Gauge
 	applies     *prometheus.CounterVec
 	synced      prometheus.Gauge
 	initialSync prometheus.Gauge
@@ -19,9 +21,8 @@ type metrics struct {
 	latency     prometheus.Histogram
 }
 
-func newMetrics(s *Source) *metrics {
+func newMetrics() *metrics {
 	return &metrics{
-		s:       s,
 		objects: prometheus.NewDesc("shunt_k8s_objects", "Objects in the informer caches, by kind.", []string{"kind"}, nil),
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "shunt_k8s_rejected_total",
@@ -30,6 +31,12 @@ func newMetrics(s *Source) *metrics {
 		watchErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "shunt_k8s_watch_errors_total", Help: "Failed lists and watches by kind (the datapath is kept as is meanwhile).",
 		}, []string{"kind"}),
+		apiErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shunt_k8s_api_errors_total", Help: "Requests to the API server that failed to get an answer (unreachable, refused, timed out).",
+		}),
+		apiUp: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "shunt_k8s_api_up", Help: "1 when the last request to the API server got an answer, 0 when it failed.",
+		}),
 		applies: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "shunt_k8s_applies_total", Help: "Deltas handed to the agent, by result (ok, error).",
 		}, []string{"result"}),
@@ -57,6 +64,8 @@ func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	ch <- m.objects
 	m.rejected.Describe(ch)
 	m.watchErrors.Describe(ch)
+	m.apiErrors.Describe(ch)
+	m.apiUp.Describe(ch)
 	m.applies.Describe(ch)
 	m.synced.Describe(ch)
 	m.initialSync.Describe(ch)
@@ -73,6 +82,8 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	}
 	m.rejected.Collect(ch)
 	m.watchErrors.Collect(ch)
+	m.apiErrors.Collect(ch)
+	m.apiUp.Collect(ch)
 	m.applies.Collect(ch)
 	m.synced.Collect(ch)
 	m.initialSync.Collect(ch)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net/http"
 	"net/netip"
 	"slices"
 	"strings"
@@ -22,6 +23,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
 
 	"github.com/shuntmesh/shunt/agent"
 	"github.com/shuntmesh/shunt/mesh"
@@ -106,6 +108,22 @@ func New(cfg agent.KubernetesConfig, rc *rest.Config, apply Applier, log *slog.L
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	m := newMetrics()
+	// Count transport failures: the informers retry quietly while the API
+	// server is unreachable, and this is how an operator sees it.
+	rc = rest.CopyConfig(rc)
+	rc.Wrap(func(rt http.RoundTripper) http.RoundTripper {
+		return roundTripperFunc(func(req *http.Request) (*http.Response, error) {
+			resp, err := rt.RoundTrip(req)
+			if err != nil {
+				m.apiErrors.Inc()
+				m.apiUp.Set(0)
+			} else {
+				m.apiUp.Set(1)
+			}
+			return resp, err
+		})
+	})
 	client, err := kubernetes.NewForConfig(rc)
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes client: %w", err)
@@ -131,7 +149,8 @@ func New(cfg agent.KubernetesConfig, rc *rest.Config, apply Applier, log *slog.L
 	for _, a := range cfg.NodeAddresses {
 		s.nodeAddrs = append(s.nodeAddrs, netip.MustParseAddr(a).Unmap())
 	}
-	s.m = newMetrics(s)
+	s.m = m
+	m.s = s
 	if reg != nil {
 		if err := reg.Register(s.m); err != nil {
 			return nil, fmt.Errorf("register kubernetes metrics: %w", err)
@@ -140,6 +159,10 @@ func New(cfg agent.KubernetesConfig, rc *rest.Config, apply Applier, log *slog.L
 	s.setupInformers()
 	return s, nil
 }
+
+type roundTripperFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripperFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
 
 // stripManagedFields drops what Shunt never reads from cached objects.
 func stripManagedFields(obj any) (any, error) {
@@ -771,3 +794,7 @@ func (s *Source) observe(c *change) {
 		s.m.latency.Observe(now.Sub(t).Seconds())
 	}
 }
+
+// RouteKlog sends client-go's own log lines (klog) to log, for binaries.
+// It changes process-wide state: libraries and tests leave it alone.
+func RouteKlog(log *slog.Logger) { klog.SetSlogLogger(log.With("component", "client-go")) }

@@ -20,6 +20,7 @@ import (
 )
 
 func newKubeSource(kc agent.KubernetesConfig, a *agent.Agent, log *slog.Logger, reg prometheus.Registerer) (*k8s.Source, error) {
+	k8s.RouteKlog(log)
 	rc, err := k8s.RESTConfig(kc.Kubeconfig)
 	if err != nil {
 		return nil, err
