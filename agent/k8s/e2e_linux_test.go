@@ -294,7 +294,7 @@ func TestAPIServerDownKeepsDatapath(t *testing.T) {
 	}
 
 	// Back: the agent reconciles; untouched entries are not rewritten.
-	f.cp.StartAPIServer()
+	f.cp.StartAPIServer(t)
 	f.apply(webSlice("keep", be, be2))
 	f.eventuallyLong("slice change after the restart", func() string {
 		if s := f.mapSlots(vip + ":80/tcp"); s != "10.244.1.1:8080 10.244.1.2:8080" {
@@ -328,7 +328,7 @@ func TestAPIServerDownKeepsDatapath(t *testing.T) {
 	if got := f.mapsSnapshot(); got != after {
 		t.Fatalf("an agent started without API server changed the maps:\n%s", lineDiff(after, got))
 	}
-	f.cp.StartAPIServer()
+	f.cp.StartAPIServer(t)
 	f.eventuallyLong("synced after the API server came back", func() string {
 		if s := f.mapSlots("10.96.5.6:80/tcp"); s != "(absent)" {
 			return "deleted service still in the map: " + s

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -111,6 +112,8 @@ func New(cfg agent.KubernetesConfig, rc *rest.Config, apply Applier, log *slog.L
 	m := newMetrics()
 	// Count transport failures: the informers retry quietly while the API
 	// server is unreachable, and this is how an operator sees it.
+	var up atomic.Bool
+	up.Store(true)
 	rc = rest.CopyConfig(rc)
 	rc.Wrap(func(rt http.RoundTripper) http.RoundTripper {
 		return roundTripperFunc(func(req *http.Request) (*http.Response, error) {
@@ -118,8 +121,14 @@ func New(cfg agent.KubernetesConfig, rc *rest.Config, apply Applier, log *slog.L
 			if err != nil {
 				m.apiErrors.Inc()
 				m.apiUp.Set(0)
+				if up.Swap(false) {
+					log.Warn("API server unreachable; datapath kept as is, retrying", "source", agent.SourceKubernetes, "err", err)
+				}
 			} else {
 				m.apiUp.Set(1)
+				if !up.Swap(true) {
+					log.Info("API server reachable", "source", agent.SourceKubernetes, "host", req.URL.Host)
+				}
 			}
 			return resp, err
 		})

@@ -17,6 +17,7 @@ package kube
 import (
 	"bytes"
 	"context"
+	"errors"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -48,12 +49,15 @@ type Options struct {
 	ServiceCIDRs string
 	// ExtraArgs are added to kube-apiserver's command line.
 	ExtraArgs []string
+	// Dir holds certificates, kubeconfigs and logs (default: a new
+	// temporary folder, removed by Close).
+	Dir string
 }
 
 // ControlPlane is a running etcd + kube-apiserver.
 type ControlPlane struct {
-	t       testing.TB
 	dir     string // certs, kubeconfigs, logs
+	ownDir  bool
 	etcdDir string
 	assets  string
 	port    int
@@ -104,17 +108,27 @@ func KubernetesVersion() (string, error) {
 	return string(m[1]), nil
 }
 
-// Binary returns the path of one of the control plane binaries, failing the
-// test when it is missing.
-func Binary(t testing.TB, name string) string {
-	t.Helper()
+// FindBinary returns the path of one of the control plane binaries, or an
+// error saying how to build it.
+func FindBinary(name string) (string, error) {
 	dir, err := AssetsDir()
 	if err != nil {
-		t.Fatalf("kube: %v", err)
+		return "", err
 	}
 	p := filepath.Join(dir, name)
 	if st, err := os.Stat(p); err != nil || st.Mode()&0o111 == 0 {
-		t.Fatalf("kube: %s missing in %s: run scripts/build-k8s.sh (CI does it first; a cold build takes about 11 minutes)", name, dir)
+		return "", fmt.Errorf("%s missing in %s: run scripts/build-k8s.sh (CI does it first; a cold build takes about 11 minutes)", name, dir)
+	}
+	return p, nil
+}
+
+// Binary is FindBinary failing the test when the binary is missing (never
+// skipping it).
+func Binary(t testing.TB, name string) string {
+	t.Helper()
+	p, err := FindBinary(name)
+	if err != nil {
+		t.Fatalf("kube: %v", err)
 	}
 	return p
 }
@@ -128,50 +142,87 @@ func freePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-// Start runs etcd and kube-apiserver and waits until the API server is
-// ready. Both are killed by PID in t.Cleanup and their files removed.
+// Start runs etcd and kube-apiserver for a test and waits until the API
+// server is ready. Both are killed by PID in t.Cleanup and their files
+// removed. A missing binary fails the test.
 func Start(t testing.TB, opts Options) *ControlPlane {
 	t.Helper()
+	if opts.Dir == "" {
+		opts.Dir = t.TempDir()
+	}
+	cp, err := Launch(opts)
+	if cp != nil {
+		t.Cleanup(func() {
+			if t.Failed() {
+				t.Logf("kube-apiserver log tail:\n%s", cp.Tail("kube-apiserver.log"))
+			}
+			cp.Close()
+		})
+	}
+	if err != nil {
+		t.Fatalf("kube: %v", err)
+	}
+	return cp
+}
+
+// Launch runs etcd and kube-apiserver and waits until the API server is
+// ready. Close stops them (by PID) and removes their files. On error, the
+// returned ControlPlane (when not nil) must still be closed.
+func Launch(opts Options) (*ControlPlane, error) {
 	if opts.ServiceCIDRs == "" {
 		opts.ServiceCIDRs = "10.96.0.0/16,fd00:96::/112"
 	}
-	cp := &ControlPlane{t: t, dir: t.TempDir()}
-	cp.assets, _ = AssetsDir()
-	etcdBin := Binary(t, "etcd")
-	Binary(t, "kube-apiserver") // fail early when missing
+	etcdBin, err := FindBinary("etcd")
+	if err != nil {
+		return nil, err
+	}
+	if _, err := FindBinary("kube-apiserver"); err != nil {
+		return nil, err
+	}
+	cp := &ControlPlane{dir: opts.Dir}
+	if cp.dir == "" {
+		if cp.dir, err = os.MkdirTemp("", "shuntk8s-"); err != nil {
+			return nil, err
+		}
+		cp.ownDir = true
+	} else if err := os.MkdirAll(cp.dir, 0o700); err != nil {
+		return nil, err
+	}
 	shm := "/dev/shm"
 	if st, err := os.Stat(shm); err != nil || !st.IsDir() {
 		shm = ""
 	}
 	// etcd on tmpfs: Debian's etcd 3.4 has no --unsafe-no-fsync.
-	d, err := os.MkdirTemp(shm, "shuntk8s-etcd-")
-	if err != nil {
-		t.Fatalf("kube: %v", err)
+	if cp.etcdDir, err = os.MkdirTemp(shm, "shuntk8s-etcd-"); err != nil {
+		return cp, err
 	}
-	cp.etcdDir = d
-	t.Cleanup(cp.stopAll)
-
 	if err := cp.makeCerts(); err != nil {
-		t.Fatalf("kube: certificates: %v", err)
+		return cp, fmt.Errorf("certificates: %w", err)
 	}
 	clientPort, err1 := freePort()
 	peerPort, err2 := freePort()
 	cp.port, err = freePort()
-	if err1 != nil || err2 != nil || err != nil {
-		t.Fatalf("kube: no free port: %v %v %v", err1, err2, err)
+	if err := errors.Join(err1, err2, err); err != nil {
+		return cp, fmt.Errorf("no free port: %w", err)
+	}
+	if cp.AdminKubeconfig, err = cp.Kubeconfig("shunt-admin", "system:masters"); err != nil {
+		return cp, err
 	}
 	etcdURL := fmt.Sprintf("http://127.0.0.1:%d", clientPort)
 	peerURL := fmt.Sprintf("http://127.0.0.1:%d", peerPort)
 	etcd := exec.Command(etcdBin, "--name", "shuntk8s", "--data-dir", filepath.Join(cp.etcdDir, "data"),
 		"--listen-client-urls", etcdURL, "--advertise-client-urls", etcdURL,
 		"--listen-peer-urls", peerURL, "--initial-advertise-peer-urls", peerURL,
-		"--initial-cluster", "shuntk8s="+peerURL, "--log-level", "warn", "--logger", "zap")
+		"--initial-cluster", "shuntk8s="+peerURL, "--log-level", "warn", "--logger", "zap",
+		"--quota-backend-bytes", strconv.Itoa(4<<30))
 	if err := cp.spawn(etcd, "etcd.log"); err != nil {
-		t.Fatalf("kube: etcd: %v", err)
+		return cp, fmt.Errorf("etcd: %w", err)
 	}
+	cp.mu.Lock()
 	cp.etcd = etcd
+	cp.mu.Unlock()
 	if err := waitTCP(fmt.Sprintf("127.0.0.1:%d", clientPort), 30*time.Second); err != nil {
-		t.Fatalf("kube: etcd did not come up: %v\n%s", err, cp.tail("etcd.log"))
+		return cp, fmt.Errorf("etcd did not come up: %w\n%s", err, cp.Tail("etcd.log"))
 	}
 
 	c := func(n string) string { return filepath.Join(cp.dir, n) }
@@ -193,46 +244,58 @@ func Start(t testing.TB, opts Options) *ControlPlane {
 		"--enable-priority-and-fairness=false",
 		"--profiling=false",
 	}, opts.ExtraArgs...)
-	cp.StartAPIServer()
-	return cp
+	return cp, cp.StartAPIServerErr()
 }
 
 // StartAPIServer (re)starts kube-apiserver with the same flags, port and
-// certificates, and waits until it is ready.
-func (cp *ControlPlane) StartAPIServer() {
-	t := cp.t
+// certificates, and waits until it is ready; it fails the test (Start's)
+// on error.
+func (cp *ControlPlane) StartAPIServer(t testing.TB) {
 	t.Helper()
-	cmd := exec.Command(Binary(t, "kube-apiserver"), cp.args...)
+	if err := cp.StartAPIServerErr(); err != nil {
+		t.Fatalf("kube: %v", err)
+	}
+}
+
+// StartAPIServerErr is StartAPIServer returning the error.
+func (cp *ControlPlane) StartAPIServerErr() error {
+	bin, err := FindBinary("kube-apiserver")
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(bin, cp.args...)
 	if err := cp.spawn(cmd, "kube-apiserver.log"); err != nil {
-		t.Fatalf("kube: kube-apiserver: %v", err)
+		return fmt.Errorf("kube-apiserver: %w", err)
 	}
 	cp.mu.Lock()
 	cp.apiserver = cmd
 	cp.mu.Unlock()
 	deadline := time.Now().Add(90 * time.Second)
+	ctx := context.Background()
 	for {
-		code, _, err := cp.Admin().raw(context.Background(), "GET", "/readyz", nil, "")
+		code, _, err := cp.Admin().raw(ctx, "GET", "/readyz", nil, "")
 		if err == nil && code == http.StatusOK {
 			break
 		}
-		if cmd.ProcessState != nil || time.Now().After(deadline) {
-			t.Fatalf("kube: kube-apiserver not ready (%d, %v):\n%s", code, err, cp.tail("kube-apiserver.log"))
+		if exited(cmd) || time.Now().After(deadline) {
+			return fmt.Errorf("kube-apiserver not ready (%d, %v):\n%s", code, err, cp.Tail("kube-apiserver.log"))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	// The API server creates the system namespaces itself, shortly after.
 	for _, ns := range []string{"default", "kube-system"} {
 		for {
-			code, _, err := cp.Admin().raw(context.Background(), "GET", "/api/v1/namespaces/"+ns, nil, "")
+			code, _, err := cp.Admin().raw(ctx, "GET", "/api/v1/namespaces/"+ns, nil, "")
 			if err == nil && code == http.StatusOK {
 				break
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("kube: namespace %s not created by the API server (%d, %v)", ns, code, err)
+				return fmt.Errorf("namespace %s not created by the API server (%d, %v)", ns, code, err)
 			}
 			time.Sleep(100 * time.Millisecond)
 		}
 	}
+	return nil
 }
 
 // StopAPIServer stops kube-apiserver (SIGTERM, then SIGKILL) and waits for
@@ -245,6 +308,16 @@ func (cp *ControlPlane) StopAPIServer() {
 	stopProc(cmd)
 }
 
+// APIServerPID is the running kube-apiserver's process id (0: none).
+func (cp *ControlPlane) APIServerPID() int {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	if cp.apiserver == nil || cp.apiserver.Process == nil {
+		return 0
+	}
+	return cp.apiserver.Process.Pid
+}
+
 // URL is the API server's address.
 func (cp *ControlPlane) URL() string { return fmt.Sprintf("https://127.0.0.1:%d", cp.port) }
 
@@ -254,36 +327,70 @@ func (cp *ControlPlane) spawn(cmd *exec.Cmd, logName string) error {
 		return err
 	}
 	cmd.Stdout, cmd.Stderr = f, f
-	// Its own process group; killed by PID (never by name).
+	// Its own process group (a Ctrl-C reaches only the test or benchmark,
+	// which stops it by PID). PDEATHSIG fires when the forking thread
+	// ends: it is a thread locked to a goroutine that lives exactly as long
+	// as the process, so the process dies with the test binary and never
+	// earlier.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	err = cmd.Start()
+	started := make(chan error, 1)
+	done := make(chan struct{})
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		err := cmd.Start()
+		started <- err
+		if err == nil {
+			_ = cmd.Wait()
+		}
+		close(done)
+	}()
+	err = <-started
 	f.Close()
 	if err != nil {
 		return err
 	}
-	go func() { _ = cmd.Wait() }()
+	doneChans.Store(cmd, done)
 	return nil
 }
 
+var doneChans sync.Map // *exec.Cmd -> chan struct{} closed once reaped
+
+func exited(cmd *exec.Cmd) bool {
+	ch, ok := doneChans.Load(cmd)
+	if !ok {
+		return true
+	}
+	select {
+	case <-ch.(chan struct{}):
+		return true
+	default:
+		return false
+	}
+}
+
+// stopProc stops a process started by spawn, by its PID: SIGTERM, then
+// SIGKILL after 15 seconds, and waits until it is reaped.
 func stopProc(cmd *exec.Cmd) {
 	if cmd == nil || cmd.Process == nil {
 		return
 	}
+	ch, ok := doneChans.Load(cmd)
+	if !ok {
+		return
+	}
+	done := ch.(chan struct{})
 	_ = cmd.Process.Signal(syscall.SIGTERM)
-	deadline := time.Now().Add(15 * time.Second)
-	for syscall.Kill(cmd.Process.Pid, 0) == nil && time.Now().Before(deadline) {
-		if cmd.ProcessState != nil {
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
+	select {
+	case <-done:
+	case <-time.After(15 * time.Second):
+		_ = cmd.Process.Kill()
+		<-done
 	}
-	_ = cmd.Process.Kill()
-	for i := 0; i < 500 && cmd.ProcessState == nil; i++ {
-		time.Sleep(10 * time.Millisecond)
-	}
+	doneChans.Delete(cmd)
 }
 
-func (cp *ControlPlane) stopAll() {
+// Close stops kube-apiserver and etcd and removes their files.
+func (cp *ControlPlane) Close() {
 	cp.StopAPIServer()
 	cp.mu.Lock()
 	etcd := cp.etcd
@@ -293,12 +400,14 @@ func (cp *ControlPlane) stopAll() {
 	if cp.etcdDir != "" {
 		_ = os.RemoveAll(cp.etcdDir)
 	}
-	if cp.t.Failed() {
-		cp.t.Logf("kube-apiserver log tail:\n%s", cp.tail("kube-apiserver.log"))
+	if cp.ownDir {
+		_ = os.RemoveAll(cp.dir)
 	}
 }
 
-func (cp *ControlPlane) tail(name string) string {
+// Tail returns the last lines of one of the logs (etcd.log,
+// kube-apiserver.log).
+func (cp *ControlPlane) Tail(name string) string {
 	data, _ := os.ReadFile(filepath.Join(cp.dir, name))
 	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
 	if len(lines) > 30 {
@@ -418,8 +527,7 @@ func (cp *ControlPlane) makeCerts() error {
 	if err := writePEM(filepath.Join(cp.dir, "sa.pub"), "PUBLIC KEY", pub); err != nil {
 		return err
 	}
-	cp.AdminKubeconfig, err = cp.Kubeconfig("shunt-admin", "system:masters")
-	return err
+	return nil
 }
 
 // Kubeconfig writes a kubeconfig for user (client certificate CN) in groups
@@ -470,7 +578,7 @@ func (cp *ControlPlane) Admin() *Client {
 	if cp.admin == nil {
 		cert, err := tls.LoadX509KeyPair(filepath.Join(cp.dir, "shunt-admin.crt"), filepath.Join(cp.dir, "shunt-admin.key"))
 		if err != nil {
-			cp.t.Fatalf("kube: admin cert: %v", err)
+			panic(fmt.Sprintf("kube: admin cert: %v", err)) // written by Launch
 		}
 		pool := x509.NewCertPool()
 		pool.AppendCertsFromPEM(cp.CA)
