@@ -67,7 +67,8 @@ type KubernetesConfig struct {
 	// socketLB.hostNamespaceOnly) or inherit.
 	PodSocketLB string `json:"podSocketLB,omitempty"`
 	// Coalesce is how long events are gathered before one change is applied
-	// (Go duration, default 2ms).
+	// when events keep coming (Go duration, default 2ms); after a quiet
+	// spell the first event is applied at once.
 	Coalesce string `json:"coalesce,omitempty"`
 }
 

@@ -368,6 +368,7 @@ func (s *Source) Run(ctx context.Context) error {
 	defer sweep.Stop()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	var lastStep time.Time
 	for {
 		s.armRetry(timer)
 		select {
@@ -380,10 +381,14 @@ func (s *Source) Run(ctx context.Context) error {
 				s.markPod(k)
 			}
 		}
-		if s.coalesce > 0 {
+		// Coalesce only when busy: after a quiet spell, the first event is
+		// applied at once; a burst then gathers while it is applied and
+		// for the coalescing window after each step.
+		if s.coalesce > 0 && time.Since(lastStep) < 20*s.coalesce {
 			time.Sleep(s.coalesce)
 		}
 		s.step()
+		lastStep = time.Now()
 	}
 }
 

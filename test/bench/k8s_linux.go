@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"math"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -13,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -73,6 +76,12 @@ type K8sResult struct {
 	Relist    []time.Duration   // shuntd restart → synced, maps already populated
 	Rewritten []int             // services whose map entry a relist rewrote
 	Updates   [][]time.Duration // EndpointSlice update → services map entry switched
+	Writes    []time.Duration   // the update's PUT round trip (API server + etcd)
+	AfterPut  []time.Duration   // PUT answered → map switched (negative: before the answer)
+	// AgentP99 is the p99 upper bound from shuntd's own
+	// shunt_k8s_event_to_apply_seconds histogram (informer event →
+	// applied), over the whole run.
+	AgentP99 time.Duration
 	RepRSS    []int64           // shuntd RSS at the end of each repetition
 }
 
@@ -118,7 +127,7 @@ func RunK8s(ctx context.Context, opts K8sOptions, out io.Writer) (err error) {
 		return err
 	}
 	r := &k8sRun{e: e, opts: opts, cp: cp, c: cp.Admin(), shuntd: shuntd, cgroup: cg, res: K8sResult{Services: opts.Services, Endpoints: opts.Endpoints},
-		rng: rand.New(rand.NewPCG(opts.Seed, opts.Seed^0x6b38))}
+		rng: rand.New(rand.NewPCG(opts.Seed, opts.Seed^0x6b38)), hist: map[float64]float64{}}
 	if err := r.populate(ctx); err != nil {
 		return err
 	}
@@ -163,6 +172,7 @@ func RunK8s(ctx context.Context, opts K8sOptions, out io.Writer) (err error) {
 		return err
 	}
 	r.stopAgent()
+	r.res.AgentP99 = histQuantile(r.hist, 0.99)
 	if !opts.Markdown {
 		fmt.Fprintf(out, "Kubernetes source: real kube-apiserver %s + etcd, shuntd -kubeconfig; %s, kernel %s.\n\n", r.version(), shuntVersion(), kernelRelease())
 	}
@@ -204,6 +214,7 @@ type k8sRun struct {
 	agent                *exec.Cmd
 	agentDone            chan struct{}
 	svcMap               *ebpf.Map
+	hist                 map[float64]float64 // shuntd's event → applied buckets, summed over its runs
 
 	vips   []netip.AddrPort
 	slices []*discoveryv1.EndpointSlice
@@ -387,6 +398,8 @@ func (r *k8sRun) stopAgent() {
 	if r.agent == nil {
 		return
 	}
+	// Keep its latency histogram: the next shuntd starts from zero.
+	scrapeHist(&http.Client{Timeout: 5 * time.Second}, "http://"+r.metricsAddr+"/metrics", "shunt_k8s_event_to_apply_seconds", r.hist)
 	_ = r.agent.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-r.agentDone:
@@ -412,6 +425,52 @@ func scrape(c *http.Client, url, name string) (string, bool) {
 		}
 	}
 	return "", false
+}
+
+// scrapeHist adds the cumulative bucket counts of histogram name (by upper
+// bound) to into.
+func scrapeHist(c *http.Client, url, name string, into map[float64]float64) {
+	resp, err := c.Get(url)
+	if err != nil {
+		return
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	for sc.Scan() {
+		rest, ok := strings.CutPrefix(sc.Text(), name+`_bucket{le="`)
+		if !ok {
+			continue
+		}
+		le, val, ok := strings.Cut(rest, `"} `)
+		if !ok {
+			continue
+		}
+		l, err1 := strconv.ParseFloat(le, 64)
+		v, err2 := strconv.ParseFloat(val, 64)
+		if err1 == nil && err2 == nil {
+			into[l] += v
+		}
+	}
+}
+
+// histQuantile returns the upper bound of the bucket holding quantile q of
+// cumulative buckets (0 when empty).
+func histQuantile(buckets map[float64]float64, q float64) time.Duration {
+	les := slices.Sorted(maps.Keys(buckets))
+	if len(les) == 0 || buckets[les[len(les)-1]] == 0 {
+		return 0
+	}
+	total := buckets[les[len(les)-1]]
+	for _, le := range les {
+		if buckets[le] >= q*total {
+			if math.IsInf(le, 1) {
+				return 0
+			}
+			return time.Duration(le * float64(time.Second))
+		}
+	}
+	return 0
 }
 
 func tailFile(path string, n int) string {
@@ -525,16 +584,22 @@ func (r *k8sRun) updates(ctx context.Context) ([]time.Duration, error) {
 			return nil, err
 		}
 		start := time.Now()
-		if err := r.c.Update(ctx, sl); err != nil {
-			return nil, err
-		}
+		var switched time.Time
+		var written time.Duration
+		putDone := make(chan error, 1)
+		go func() {
+			err := r.c.Update(ctx, sl)
+			written = time.Since(start)
+			putDone <- err
+		}()
 		for {
 			v, err := r.rev(i)
 			if err != nil {
 				return nil, err
 			}
 			if v != before {
-				out = append(out, time.Since(start))
+				switched = time.Now()
+				out = append(out, switched.Sub(start))
 				break
 			}
 			if time.Since(start) > 10*time.Second {
@@ -542,6 +607,11 @@ func (r *k8sRun) updates(ctx context.Context) ([]time.Duration, error) {
 			}
 			time.Sleep(100 * time.Microsecond)
 		}
+		if err := <-putDone; err != nil {
+			return nil, err
+		}
+		r.res.Writes = append(r.res.Writes, written)
+		r.res.AfterPut = append(r.res.AfterPut, switched.Sub(start)-written)
 		// Apart, so that updates are not coalesced with each other.
 		select {
 		case <-ctx.Done():
@@ -591,6 +661,9 @@ func K8sTable(res K8sResult) string {
 	fmt.Fprintf(&b, "| shuntd RSS after each repetition | %s |\n", mib(rssMed))
 	fmt.Fprintf(&b, "| EndpointSlice update → map, p50 / p90 / p99 / max (%d updates) | %s / %s / %s / %s |\n", len(all),
 		FormatDuration(Percentile(all, 50)), FormatDuration(Percentile(all, 90)), FormatDuration(Percentile(all, 99)), FormatDuration(Percentile(all, 100)))
+	fmt.Fprintf(&b, "| of which: the PUT round trip (API server + etcd), p50 / p99 | %s / %s |\n", FormatDuration(Percentile(res.Writes, 50)), FormatDuration(Percentile(res.Writes, 99)))
+	fmt.Fprintf(&b, "| of which: PUT answered → map, p50 / p99 | %s / %s |\n", FormatDuration(Percentile(res.AfterPut, 50)), FormatDuration(Percentile(res.AfterPut, 99)))
+	fmt.Fprintf(&b, "| shuntd's own informer event → applied, p99 (histogram bucket bound, all events) | ≤ %s |\n", FormatDuration(res.AgentP99))
 	fmt.Fprintf(&b, "| EndpointSlice update → map, p99 per repetition | %s [%s–%s] |\n", FormatDuration(time.Duration(Median(p99s))), FormatDuration(time.Duration(lo)), FormatDuration(time.Duration(hi)))
 	fmt.Fprintf(&b, "| full relist: shuntd restart → synced (maps populated) | %s [%s–%s] |\n", FormatDuration(time.Duration(Median(relists))), FormatDuration(time.Duration(rlo)), FormatDuration(time.Duration(rhi)))
 	fmt.Fprintf(&b, "| map entries rewritten by the relists | %d of %d |\n", rewritten, res.Services*len(res.Relist))
