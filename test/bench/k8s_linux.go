@@ -82,7 +82,7 @@ type K8sResult struct {
 	// shunt_k8s_event_to_apply_seconds histogram (informer event →
 	// applied), over the whole run.
 	AgentP99 time.Duration
-	RepRSS    []int64           // shuntd RSS at the end of each repetition
+	RepRSS   []int64 // shuntd RSS at the end of each repetition
 }
 
 // endpoint address k of the benchmark (EndpointSlices refuse loopback).
