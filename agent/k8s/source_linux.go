@@ -76,6 +76,7 @@ type Source struct {
 	factory, podFactory, nodeFactory informers.SharedInformerFactory
 	svcInf, sliceInf, nsInf, podInf  cache.SharedIndexInformer
 	nodeInf                          cache.SharedIndexInformer
+	handlers                         []cache.ResourceEventHandlerRegistration
 
 	mu        sync.Mutex
 	dirtySvc  map[string]time.Time // key -> first event time
@@ -220,22 +221,22 @@ func (s *Source) setupInformers() {
 		})
 	}
 
-	_, _ = s.svcInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+	s.addHandler(s.svcInf, cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(o any) { s.markObj(o, s.markSvc) },
 		UpdateFunc: func(o, n any) { s.markUpdate(o, n, s.markSvc) },
 		DeleteFunc: func(o any) { s.markObj(o, s.markSvc) },
 	})
-	_, _ = s.sliceInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+	s.addHandler(s.sliceInf, cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(o any) { s.markSlice(o) },
 		UpdateFunc: func(o, n any) { s.markUpdate(o, n, func(string) { s.markSlice(o); s.markSlice(n) }) },
 		DeleteFunc: func(o any) { s.markSlice(o) },
 	})
-	_, _ = s.podInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+	s.addHandler(s.podInf, cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(o any) { s.markObj(o, s.markPod) },
 		UpdateFunc: func(o, n any) { s.markUpdate(o, n, s.markPod) },
 		DeleteFunc: func(o any) { s.markObj(o, s.markPod) },
 	})
-	_, _ = s.nsInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+	s.addHandler(s.nsInf, cache.ResourceEventHandlerFuncs{
 		AddFunc: func(o any) { s.markNamespace(o) },
 		UpdateFunc: func(o, n any) {
 			on, ok1 := o.(*corev1.Namespace)
@@ -254,11 +255,18 @@ func (s *Source) setupInformers() {
 			s.mu.Unlock()
 			s.kick()
 		}
-		_, _ = s.nodeInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		s.addHandler(s.nodeInf, cache.ResourceEventHandlerFuncs{
 			AddFunc:    nodeChanged,
 			UpdateFunc: func(o, n any) { s.markUpdate(o, n, func(string) { nodeChanged(n) }) },
 			DeleteFunc: nodeChanged,
 		})
+	}
+}
+
+func (s *Source) addHandler(inf cache.SharedIndexInformer, h cache.ResourceEventHandler) {
+	r, err := inf.AddEventHandler(h)
+	if err == nil {
+		s.handlers = append(s.handlers, r)
 	}
 }
 
@@ -336,10 +344,14 @@ func (s *Source) kick() {
 func (s *Source) Run(ctx context.Context) error {
 	s.factory.Start(ctx.Done())
 	s.podFactory.Start(ctx.Done())
-	synced := []cache.InformerSynced{s.svcInf.HasSynced, s.sliceInf.HasSynced, s.nsInf.HasSynced, s.podInf.HasSynced}
+	// Wait until the handlers (not only the caches) have seen the initial
+	// lists: the full sync below then covers every initial notification.
+	var synced []cache.InformerSynced
+	for _, r := range s.handlers {
+		synced = append(synced, r.HasSynced)
+	}
 	if s.nodeFactory != nil {
 		s.nodeFactory.Start(ctx.Done())
-		synced = append(synced, s.nodeInf.HasSynced)
 	}
 	defer func() {
 		s.factory.Shutdown()
