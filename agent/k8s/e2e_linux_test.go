@@ -3,17 +3,29 @@ package k8s_test
 import (
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"sort"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/shuntmesh/shunt/agent/datapath"
+	"github.com/shuntmesh/shunt/bpf"
+	"github.com/shuntmesh/shunt/mesh"
 	"github.com/shuntmesh/shunt/test/harness"
+	"github.com/shuntmesh/shunt/test/kube"
 )
 
 const vip = "10.96.5.5"
@@ -363,4 +375,94 @@ func (f *fixture) eventuallyLong(what string, cond func() string) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// The shuntd binary takes its state from the cluster with -kubeconfig and
+// -node-name (the wiring in cmd/shuntd), reports it on /metrics and writes
+// the maps.
+func TestShuntdKubeconfig(t *testing.T) {
+	cp := kube.Start(t, kube.Options{})
+	c := cp.Admin()
+	f := &fixture{t: t, cp: cp, c: c, hpods: map[string]*harness.Pod{}}
+	f.apply(namespace("bin", false))
+	f.apply(webService("bin"))
+	f.apply(&discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: "web-1", Namespace: "bin", Labels: map[string]string{discoveryv1.LabelServiceName: "web"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Name: ptr("http"), Port: ptr(int32(8080))}},
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{"10.244.7.7"}}},
+	})
+	env := harness.New(t)
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "shuntd")
+	build := exec.Command("go", "build", "-o", bin, "../../cmd/shuntd")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	cfg := fmt.Sprintf("datapath:\n  bpffsRoot: %s\n  cgroup: %s\nkubernetes:\n  nodeAddresses: [10.244.0.1]\n  cgroupRoots: [%s]\n",
+		env.BPFFSPath(), env.CgroupPath(), env.CgroupPath())
+	if err := os.WriteFile(filepath.Join(dir, "shunt.yaml"), []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	port, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics := fmt.Sprintf("http://127.0.0.1:%d/metrics", port)
+	cmd := exec.Command(bin, "-config", filepath.Join(dir, "shunt.yaml"), "-kubeconfig", cp.AdminKubeconfig, "-node-name", testNode,
+		"-host-netns", env.Node().NetNSPath(), "-api-socket", filepath.Join(dir, "sock"), "-state-file", filepath.Join(dir, "state.json"),
+		"-metrics-addr", fmt.Sprintf("127.0.0.1:%d", port))
+	var logs lockedBuffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill() // by PID
+		<-exited
+		if err := datapath.Cleanup(env.BPFFSPath()); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+		if t.Failed() {
+			t.Logf("shuntd log:\n%s", tail(logs.String(), 40))
+		}
+	})
+	f.eventually("shuntd synced with the service in its map", func() string {
+		select {
+		case <-exited:
+			t.Fatalf("shuntd exited: %s", logs.String())
+		default:
+		}
+		resp, err := http.Get(metrics)
+		if err != nil {
+			return err.Error()
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !strings.Contains(string(body), "\nshunt_k8s_synced 1\n") {
+			return "not synced yet"
+		}
+		m, err := ebpf.LoadPinnedMap(filepath.Join(env.BPFFSPath(), "maps", bpf.SockmeshMapServices), &ebpf.LoadPinOptions{ReadOnly: true})
+		if err != nil {
+			return err.Error()
+		}
+		defer m.Close()
+		var v bpf.SockmeshSvcValue
+		k := datapath.MakeAddr(netip.MustParseAddrPort(vip+":80"), mesh.TCP)
+		if err := m.Lookup(&k, &v); err != nil || v.Count != 1 {
+			return fmt.Sprintf("service %s: %v, %d slots", vip, err, v.Count)
+		}
+		return ""
+	})
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
 }
