@@ -67,7 +67,7 @@ echo "build-k8s: building ${pkgs[*]} $version into $dir (cold: about 11 minutes 
 tmp=$(mktemp -d "$dir/.build.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 start=$SECONDS
-(cd "$mod" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w $ldflags" -o "$tmp/" "${pkgs[@]}")
+(cd "$mod" && CGO_ENABLED=0 go build -mod=readonly -buildvcs=false -trimpath -ldflags "-s -w $ldflags" -o "$tmp/" "${pkgs[@]}")
 for p in "${pkgs[@]}"; do
 	b=${p##*/}
 	"$tmp/$b" --version | grep -q "Kubernetes $version" || { echo "build-k8s: $b --version does not report $version" >&2; exit 1; }
