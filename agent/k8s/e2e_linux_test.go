@@ -21,6 +21,7 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/shuntmesh/shunt/agent"
 	"github.com/shuntmesh/shunt/agent/datapath"
 	"github.com/shuntmesh/shunt/bpf"
 	"github.com/shuntmesh/shunt/mesh"
@@ -465,4 +466,37 @@ func freePort() (int, error) {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// A Service the agent refuses (its frontend belongs to a service of the
+// configuration file) is left out and counted; the other Services of the
+// same change are applied, and the configured service is untouched.
+func TestRefusedServiceDoesNotBlockOthers(t *testing.T) {
+	f := newFixture(t, func(c *agent.Config) {
+		c.Services = []agent.ServiceConfig{{Name: "configured", Frontend: "10.96.7.7:80", Backends: []agent.BackendConfig{{Addr: "10.244.9.1:80"}}}}
+	})
+	clash := webService("x")
+	clash.Name, clash.Spec.ClusterIP = "clash", "10.96.7.7"
+	ok := webService("x")
+	ok.Name, ok.Spec.ClusterIP = "ok", "10.96.7.8"
+	f.apply(namespace("x", false))
+	f.apply(clash)
+	f.apply(ok)
+	f.eventually("the other service applied, the clash counted", func() string {
+		if s := f.mapSlots("10.96.7.8:80/tcp"); s != "" {
+			return "ok service: " + s
+		}
+		if s := f.mapSlots("10.96.7.7:80/tcp"); s != "10.244.9.1:80" {
+			return "configured service changed: " + s
+		}
+		if f.metric("shunt_k8s_rejected_total", "reason", "service") == 0 {
+			return "refusal not counted"
+		}
+		return ""
+	})
+	for _, s := range f.a.Desired().Services {
+		if strings.HasPrefix(s.Name, "x/clash") {
+			t.Errorf("refused service in the desired state: %s", s.Name)
+		}
+	}
 }

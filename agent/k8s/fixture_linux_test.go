@@ -73,7 +73,7 @@ func ctx(t *testing.T) context.Context {
 	return c
 }
 
-func newFixture(t *testing.T) *fixture {
+func newFixture(t *testing.T, opts ...func(*agent.Config)) *fixture {
 	t.Helper()
 	cp := kube.Start(t, kube.Options{})
 	f := &fixture{t: t, cp: cp, c: cp.Admin(), hpods: map[string]*harness.Pod{}, log: &lockedBuffer{}}
@@ -117,6 +117,9 @@ func newFixture(t *testing.T) *fixture {
 		Kubernetes: &agent.KubernetesConfig{
 			Kubeconfig: kc, NodeName: testNode, CgroupRoots: []string{f.env.CgroupPath()},
 		},
+	}
+	for _, o := range opts {
+		o(&f.cfg)
 	}
 	t.Cleanup(func() {
 		if t.Failed() {

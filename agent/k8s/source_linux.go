@@ -91,7 +91,8 @@ type Source struct {
 	pods      map[string]podState // pod key -> enrolled pod
 	problems  map[string]string   // object -> last problems (counted once)
 	retry     map[string]time.Time
-	conflicts map[string]bool // service keys that lost a frontend conflict
+	conflicts map[string]bool    // service keys that lost a frontend conflict
+	refused   map[string]refusal // mesh service or pod name -> last refusal
 	nodeAddrs []netip.Addr
 }
 
@@ -145,6 +146,7 @@ func New(cfg agent.KubernetesConfig, rc *rest.Config, apply Applier, log *slog.L
 		dirtySvc: map[string]time.Time{}, dirtyPod: map[string]time.Time{}, wake: make(chan struct{}, 1),
 		svcNames: map[string][]string{}, applied: map[string]mesh.Service{}, fronts: map[mesh.Frontend]string{},
 		pods: map[string]podState{}, problems: map[string]string{}, retry: map[string]time.Time{}, conflicts: map[string]bool{},
+		refused: map[string]refusal{},
 	}
 	s.roots = cfg.CgroupRoots
 	if len(s.roots) == 0 {
@@ -594,6 +596,7 @@ func (s *Source) computePod(c *change, key string) {
 	cur, had := s.pods[key]
 	o, ok, _ := s.podInf.GetStore().GetByKey(key)
 	if !ok {
+		delete(s.refused, key)
 		if had {
 			c.delPods[key] = true
 		}
@@ -726,23 +729,40 @@ func (s *Source) dropNamed(c *change, err error) bool {
 	for n := range c.svcs {
 		if strings.HasPrefix(fe.Field, "services["+n+"]") {
 			key := c.svcOf[n]
-			s.m.rejected.WithLabelValues("service").Inc()
-			s.log.Warn("left out", "service", n, "reason", "refused", "problem", err)
+			s.refuse("service", n, err, retryRejected)
 			s.dropService(c, n)
-			s.retry["svc:"+key] = time.Now().Add(retryRejected)
+			s.retry["svc:"+key] = time.Now().Add(s.refused[n].backoff)
 			return true
 		}
 	}
 	for k, ps := range c.pods {
 		if strings.HasPrefix(fe.Field, "pods["+ps.pod.Name+"]") {
-			s.m.rejected.WithLabelValues("pod").Inc()
-			s.log.Warn("left out", "pod", ps.pod.Name, "reason", "refused", "problem", err)
+			s.refuse("pod", ps.pod.Name, err, retryNoProcess)
 			delete(c.pods, k)
-			s.retry["pod:"+k] = time.Now().Add(retryNoProcess)
+			s.retry["pod:"+k] = time.Now().Add(s.refused[ps.pod.Name].backoff)
 			return true
 		}
 	}
 	return false
+}
+
+// refusal is the agent's last refusal of one mesh service or pod.
+type refusal struct {
+	msg     string
+	backoff time.Duration
+}
+
+// refuse records that the agent refused name: logged and counted once per
+// distinct reason, retried with a doubling delay (first, up to 5 minutes).
+func (s *Source) refuse(kind, name string, err error, first time.Duration) {
+	r, seen := s.refused[name]
+	if !seen || r.msg != err.Error() {
+		s.m.rejected.WithLabelValues(kind).Inc()
+		s.log.Warn("left out", kind, name, "reason", "refused by the agent", "problem", err)
+		r.msg = err.Error()
+	}
+	r.backoff = min(max(2*r.backoff, first), 5*time.Minute)
+	s.refused[name] = r
 }
 
 // delta is c as the agent takes it. With replace, it is the whole state.
@@ -784,8 +804,14 @@ func (s *Source) record(c *change) {
 	for n, sv := range c.svcs {
 		s.applied[n] = sv
 		s.fronts[sv.Frontend] = n
+		delete(s.refused, n)
 	}
 	for k, names := range c.names {
+		for n := range s.refused {
+			if strings.HasPrefix(n, k+":") && !slices.Contains(names, n) {
+				delete(s.refused, n) // gone from the cluster
+			}
+		}
 		if len(names) == 0 {
 			delete(s.svcNames, k)
 		} else {
@@ -799,9 +825,11 @@ func (s *Source) record(c *change) {
 	}
 	for k := range c.delPods {
 		delete(s.pods, k)
+		delete(s.refused, k)
 	}
 	for k, ps := range c.pods {
 		s.pods[k] = ps
+		delete(s.refused, k)
 	}
 	if freed {
 		// A freed frontend may be what a conflicting service waited for.
