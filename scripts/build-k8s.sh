@@ -5,8 +5,8 @@
 #
 #   ${SHUNT_CACHE:-/var/cache/shunt}/k8s/<version>/{kube-apiserver,kubelet,etcd,kubectl}
 #
-# etcd and kubectl are symlinks to the Debian etcd-server package's etcd and
-# the machine's kubectl, so the directory is a complete KUBEBUILDER_ASSETS for
+# etcd is a symlink to the Debian etcd-server package's etcd (and kubectl to
+# the machine's, if any), so the directory is a complete KUBEBUILDER_ASSETS for
 # sigs.k8s.io/controller-runtime/pkg/envtest. Binaries that already exist are
 # not rebuilt (a cold kube-apiserver build takes about 11 minutes on 2 cores).
 #
@@ -31,14 +31,16 @@ targets=("$@")
 ((${#targets[@]})) || targets=(kube-apiserver)
 mkdir -p "$dir"
 
-# envtest wants etcd and kubectl next to kube-apiserver.
-for b in etcd kubectl; do
-	if [[ ! -e $dir/$b ]]; then
-		p=$(command -v "$b" || true)
-		[[ -n $p ]] || { echo "build-k8s: $b not found on PATH (scripts/install-deps.sh installs etcd-server)" >&2; exit 1; }
-		ln -sf "$p" "$dir/$b"
-	fi
-done
+# The tests (test/kube) and envtest want etcd next to kube-apiserver;
+# envtest also kubectl, linked when the machine has one.
+if [[ ! -e $dir/etcd ]]; then
+	p=$(command -v etcd || true)
+	[[ -n $p ]] || { echo "build-k8s: etcd not found on PATH (scripts/install-deps.sh installs etcd-server)" >&2; exit 1; }
+	ln -sf "$p" "$dir/etcd"
+fi
+if [[ ! -e $dir/kubectl ]] && p=$(command -v kubectl); then
+	ln -sf "$p" "$dir/kubectl"
+fi
 
 # Version ldflags, as hack/lib/version.sh sets them, so /version parses.
 # SOURCE_DATE_EPOCH keeps builds reproducible.
