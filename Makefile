@@ -8,8 +8,11 @@ all: build
 build:
 	$(GO) build -o bin/ ./cmd/...
 
+# Also builds the real Kubernetes control plane the tests run (kube-apiserver
+# from the Go module proxy, cached outside the clone; skipped when present).
 deps:
 	./scripts/install-deps.sh
+	./scripts/build-k8s.sh kube-apiserver
 
 # Regenerate the bpf2go bindings and objects (needs clang-19, llvm-strip-19).
 generate:

@@ -62,6 +62,11 @@ type Agent struct {
 	selfTest datapath.SelfTestResult
 	xds      *xdsRun   // StartXDS (agent/xds_linux.go)
 	xdp      *xdpState // north-south load balancer (xdp_linux.go); nil until used
+	// pending are the sources expected (Kubernetes when configured) that
+	// have not yet delivered their whole state (a Replace delta). Until
+	// they have, resyncs leave map entries nobody asked for alone: they
+	// may be the pending source's, pinned by an earlier run.
+	pending map[string]bool
 }
 
 // New loads the datapath (adopting pinned state), and reconciles it to the
@@ -89,7 +94,10 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Agent, error
 	if err != nil {
 		return nil, fmt.Errorf("hostNetNS: %w", err)
 	}
-	a := &Agent{cfg: cfg, log: log, hostCookie: host, base: base, state: newDesired(), started: time.Now()}
+	a := &Agent{cfg: cfg, log: log, hostCookie: host, base: base, state: newDesired(), started: time.Now(), pending: map[string]bool{}}
+	if cfg.Kubernetes != nil {
+		a.pending[SourceKubernetes] = true
+	}
 	if err := a.loadOverlay(); err != nil {
 		return nil, err
 	}
@@ -117,7 +125,8 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Agent, error
 	}
 	log.Info("datapath loaded", "cgroup", cfg.Datapath.Cgroup, "bpffs", cfg.Datapath.Root, "adopted", dp.Adopted, "layout", datapath.LayoutVersion)
 	// Take the configured state, then rewrite the maps from it: whatever
-	// an earlier run left that is no longer wanted goes.
+	// an earlier run left that is no longer wanted goes — once every
+	// expected source has delivered its state (see pending).
 	a.mu.Lock()
 	err = a.applyLocked(SourceConfig, a.configDelta())
 	if err == nil {
@@ -407,6 +416,7 @@ type Status struct {
 	HostNetNSCookie   uint64                  `json:"hostNetNSCookie"`
 	Uptime            string                  `json:"uptime"`
 	Services          int                     `json:"services"`
+	PendingSources    []string                `json:"pendingSources,omitempty"`
 	Pods              []PodStatus             `json:"pods"`
 	Links             []datapath.LinkInfo     `json:"links"`
 	Maps              []datapath.MapFill      `json:"maps"`
@@ -435,7 +445,8 @@ func (a *Agent) Status() (Status, error) {
 	a.mu.Lock()
 	st := Status{Version: Version, LayoutVersion: datapath.LayoutVersion, Cgroup: a.cfg.Datapath.Cgroup, BPFFS: a.cfg.Datapath.Root,
 		Adopted: a.dp.Adopted, HostNamespaceOnly: a.cfg.SocketLB.HostNamespaceOnly, HostNetNSCookie: a.hostCookie,
-		Uptime: time.Since(a.started).Round(time.Second).String(), Services: len(a.state.svcs), SockmapSelfTest: a.selfTest}
+		Uptime: time.Since(a.started).Round(time.Second).String(), Services: len(a.state.svcs),
+		PendingSources: slices.Sorted(maps.Keys(a.pending)), SockmapSelfTest: a.selfTest}
 	for _, n := range slices.Sorted(maps.Keys(a.state.pods)) {
 		e := a.state.pods[n]
 		st.Pods = append(st.Pods, PodStatus{Pod: e.pod, Source: e.src, ID: e.id, Cookie: e.cookie, Addrs: e.ips})

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"time"
 
 	"sigs.k8s.io/yaml"
 
@@ -41,6 +42,82 @@ type Config struct {
 	// Services and Pods are the standalone desired state.
 	Services []ServiceConfig `json:"services,omitempty"`
 	Pods     []mesh.Pod      `json:"pods,omitempty"`
+	// Kubernetes, when present, adds the Kubernetes source (agent/k8s).
+	// Without it shuntd runs standalone and never talks to a cluster.
+	Kubernetes *KubernetesConfig `json:"kubernetes,omitempty"`
+}
+
+// SourceKubernetes is the source name of the Kubernetes informers.
+const SourceKubernetes = "kubernetes"
+
+// KubernetesConfig configures the Kubernetes source: the cluster's Services
+// and EndpointSlices become mesh services, and this node's pods in namespaces
+// labelled shunt.dev/enabled=true are enrolled.
+type KubernetesConfig struct {
+	// Kubeconfig is a kubeconfig file; empty means the in-cluster
+	// configuration (service account of the agent's pod).
+	Kubeconfig string `json:"kubeconfig,omitempty"`
+	// NodeName is this node's name: pods are watched with
+	// spec.nodeName=NodeName. Default: $NODE_NAME, else the host name.
+	NodeName string `json:"nodeName,omitempty"`
+	// NodeAddresses are the addresses NodePort frontends listen on. Default:
+	// the InternalIP and ExternalIP addresses of the Node object.
+	NodeAddresses []string `json:"nodeAddresses,omitempty"`
+	// CgroupRoots are the cgroup hierarchies searched for a pod's cgroup
+	// (kubelet's cgroupfs and systemd layouts). Default: the cgroup v2
+	// mount, then on v1 and hybrid hosts the pids, memory and systemd
+	// hierarchies under /sys/fs/cgroup.
+	CgroupRoots []string `json:"cgroupRoots,omitempty"`
+	// PodSocketLB is the socketLB mode of enrolled pods: translate (the
+	// default: enrolled pods are balanced by Shunt even with
+	// socketLB.hostNamespaceOnly) or inherit.
+	PodSocketLB string `json:"podSocketLB,omitempty"`
+	// Coalesce is how long events are gathered before one change is applied
+	// when events keep coming (Go duration, default 2ms); after a quiet
+	// spell the first event is applied at once.
+	Coalesce string `json:"coalesce,omitempty"`
+}
+
+// DefaultCoalesce is KubernetesConfig.Coalesce's default.
+const DefaultCoalesce = "2ms"
+
+// WithDefaults fills empty fields; NodeName comes from $NODE_NAME or the
+// host name.
+func (k KubernetesConfig) WithDefaults() KubernetesConfig {
+	if k.NodeName == "" {
+		k.NodeName = os.Getenv("NODE_NAME")
+	}
+	if k.NodeName == "" {
+		k.NodeName, _ = os.Hostname()
+	}
+	if k.PodSocketLB == "" {
+		k.PodSocketLB = string(mesh.Translate)
+	}
+	if k.Coalesce == "" {
+		k.Coalesce = DefaultCoalesce
+	}
+	return k
+}
+
+// Validate checks the fields that can be checked without a cluster.
+func (k KubernetesConfig) Validate() error {
+	if k.NodeName == "" {
+		return &mesh.FieldError{Field: "kubernetes.nodeName", Msg: "must not be empty (set it, $NODE_NAME or a host name)"}
+	}
+	for i, a := range k.NodeAddresses {
+		if _, err := netip.ParseAddr(a); err != nil {
+			return &mesh.FieldError{Field: fmt.Sprintf("kubernetes.nodeAddresses[%d]", i), Msg: fmt.Sprintf("%q is not an IP address", a)}
+		}
+	}
+	switch mesh.HostNSOnly(k.PodSocketLB) {
+	case mesh.Translate, "inherit":
+	default:
+		return &mesh.FieldError{Field: "kubernetes.podSocketLB", Msg: fmt.Sprintf("unknown value %q (want translate or inherit)", k.PodSocketLB)}
+	}
+	if d, err := time.ParseDuration(k.Coalesce); err != nil || d < 0 || d > time.Second {
+		return &mesh.FieldError{Field: "kubernetes.coalesce", Msg: fmt.Sprintf("%q is not a duration between 0 and 1s", k.Coalesce)}
+	}
+	return nil
 }
 
 // SocketLBConfig holds the socket LB settings.
@@ -94,6 +171,10 @@ func (c Config) WithDefaults() Config {
 		c.StateFile = DefaultStateFile
 	}
 	c.XDS = c.XDS.WithDefaults()
+	if c.Kubernetes != nil {
+		k := c.Kubernetes.WithDefaults()
+		c.Kubernetes = &k
+	}
 	return c
 }
 
@@ -133,6 +214,11 @@ func (c Config) Validate() error {
 	}
 	if err := c.XDP.Validate(); err != nil {
 		return err
+	}
+	if c.Kubernetes != nil {
+		if err := c.Kubernetes.Validate(); err != nil {
+			return err
+		}
 	}
 	_, err := c.State()
 	return err

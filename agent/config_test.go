@@ -132,3 +132,42 @@ func TestMergeOverlay(t *testing.T) {
 		t.Errorf("deleted pod kept: %+v", st.Pods)
 	}
 }
+
+func TestKubernetesConfig(t *testing.T) {
+	c, err := ParseConfig([]byte(`
+kubernetes:
+  kubeconfig: /etc/kube.conf
+  nodeAddresses: [10.0.0.1, "fd00::1"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("NODE_NAME", "node-a")
+	c = c.WithDefaults()
+	k := c.Kubernetes
+	if k == nil || k.NodeName != "node-a" || k.PodSocketLB != "translate" || k.Coalesce != DefaultCoalesce || k.Kubeconfig != "/etc/kube.conf" {
+		t.Fatalf("defaults: %+v", k)
+	}
+	if err := k.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if c2, _ := ParseConfig([]byte("socketLB: {hostNamespaceOnly: true}")); c2.WithDefaults().Kubernetes != nil {
+		t.Error("no kubernetes section must mean standalone")
+	}
+	for _, tc := range []struct {
+		mut   func(*KubernetesConfig)
+		field string
+	}{
+		{func(k *KubernetesConfig) { k.NodeAddresses = []string{"10.0.0.300"} }, "kubernetes.nodeAddresses[0]"},
+		{func(k *KubernetesConfig) { k.PodSocketLB = "bypass" }, "kubernetes.podSocketLB"},
+		{func(k *KubernetesConfig) { k.Coalesce = "2s" }, "kubernetes.coalesce"},
+		{func(k *KubernetesConfig) { k.Coalesce = "soon" }, "kubernetes.coalesce"},
+	} {
+		bad := *k
+		tc.mut(&bad)
+		var fe *mesh.FieldError
+		if err := bad.Validate(); !errors.As(err, &fe) || fe.Field != tc.field {
+			t.Errorf("%+v: error %v, want one naming %s", bad, err, tc.field)
+		}
+	}
+}

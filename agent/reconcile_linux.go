@@ -111,11 +111,6 @@ func translate(s *mesh.Service) datapath.Service {
 	return ds
 }
 
-func serviceEqual(a, b *mesh.Service) bool {
-	return a.Name == b.Name && a.Frontend == b.Frontend && a.Algorithm == b.Algorithm &&
-		a.Mode == b.Mode && slices.Equal(a.Backends, b.Backends)
-}
-
 // normalized returns d with Replace turned into explicit deletions, and
 // entries that change nothing dropped.
 func (ds *desired) normalize(src string, d Delta) (Delta, error) {
@@ -131,7 +126,7 @@ func (ds *desired) normalize(src string, d Delta) (Delta, error) {
 			if cur.src != src {
 				return out, &mesh.FieldError{Field: svcField(s.Name, "name"), Msg: fmt.Sprintf("service name already defined by source %q", cur.src)}
 			}
-			if serviceEqual(&cur.svc, s) {
+			if cur.svc.Equal(s) {
 				continue
 			}
 		}
@@ -236,6 +231,17 @@ func (a *Agent) applyLocked(src string, d Delta) error {
 	}
 	if err != nil {
 		a.log.Warn("change applied to the socket datapath, not (yet) to the XDP load balancer", "source", src, "err", err)
+	}
+	if d.Replace && a.pending[src] {
+		delete(a.pending, src)
+		a.log.Info("source synced", "source", src, "services", len(d.Services), "pods", len(d.Pods))
+		if len(a.pending) == 0 {
+			// Every source is in: entries left by an earlier run that no
+			// source wants go now.
+			if rerr := a.resyncLocked(); rerr != nil {
+				return rerr
+			}
+		}
 	}
 	return err
 }
@@ -516,7 +522,16 @@ func (a *Agent) resyncLocked() error {
 		svcs = append(svcs, e.dp)
 		names = append(names, n)
 	}
-	res, err := a.dp.SyncServices(svcs)
+	// While a source is pending, entries nobody asked for may be its own
+	// (pinned by an earlier run): keep them.
+	keep := len(a.pending) > 0
+	var res datapath.SyncResult
+	var err error
+	if keep {
+		res, err = a.dp.UpdateServices(svcs, nil)
+	} else {
+		res, err = a.dp.SyncServices(svcs)
+	}
 	if err == nil {
 		for i, n := range names {
 			ds.svcs[n].id = res.IDs[svcs[i].Frontend]
@@ -525,7 +540,11 @@ func (a *Agent) resyncLocked() error {
 		for _, pe := range ds.pods {
 			pods[pe.cookie] = pe.datapathPod()
 		}
-		err = a.dp.SyncPods(pods)
+		if keep {
+			err = a.dp.UpdatePods(pods, nil, nil)
+		} else {
+			err = a.dp.SyncPods(pods)
+		}
 	}
 	if err == nil {
 		err = a.dp.SetConfig(a.hostCookie, a.cfg.SocketLB.HostNamespaceOnly, a.sockmapSafe())

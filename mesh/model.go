@@ -111,6 +111,42 @@ func (f Frontend) String() string {
 	return fmt.Sprintf("%s/%s", f.Addr, strings.ToLower(string(f.Proto)))
 }
 
+// FrontendKind says how clients reach a frontend. It is optional
+// (standalone services leave it empty); Kubernetes services set it.
+type FrontendKind string
+
+const (
+	// ClusterIP frontends are reached from inside the cluster only.
+	ClusterIP FrontendKind = "clusterIP"
+	// NodePort frontends are a node address and the service's node port.
+	NodePort FrontendKind = "nodePort"
+	// LoadBalancer frontends are a load balancer ingress IP.
+	LoadBalancer FrontendKind = "loadBalancer"
+	// ExternalIP frontends are an address of spec.externalIPs.
+	ExternalIP FrontendKind = "externalIP"
+)
+
+// NorthSouth tells whether traffic from outside the cluster arrives at this
+// frontend: the north-south (XDP) path serves these in addition to the
+// socket LB.
+func (k FrontendKind) NorthSouth() bool {
+	return k == NodePort || k == LoadBalancer || k == ExternalIP
+}
+
+// MaxAffinityTimeout is the largest session affinity timeout accepted
+// (Kubernetes' limit, one day).
+const MaxAffinityTimeout = 86400
+
+// Origin names the object a service was made from (Kubernetes: namespace,
+// Service name, port name and appProtocol). It is optional and informative:
+// xDS and status use it, the datapath does not.
+type Origin struct {
+	Namespace   string `json:"namespace,omitempty"`
+	Name        string `json:"name,omitempty"`
+	Port        string `json:"port,omitempty"`
+	AppProtocol string `json:"appProtocol,omitempty"`
+}
+
 // Service is one frontend and the backends it balances to.
 type Service struct {
 	// Name is unique within a State, e.g. "default/web:http".
@@ -121,6 +157,20 @@ type Service struct {
 	Mode      ForwardingMode `json:"mode,omitempty"`
 	// Dispatch applies to DSR (and hybrid TCP) on the XDP path.
 	Dispatch Dispatch `json:"dispatch,omitempty"`
+	// Kind is how clients reach the frontend (optional).
+	Kind FrontendKind `json:"kind,omitempty"`
+	// AffinityTimeout, when not 0, asks for client-IP session affinity:
+	// a client's connections go to the same backend while it has been seen
+	// within this many seconds (Kubernetes sessionAffinity: ClientIP).
+	AffinityTimeout uint32 `json:"affinityTimeoutSeconds,omitempty"`
+	Origin          Origin `json:"origin,omitzero"`
+}
+
+// Equal tells whether a and b are the same service, backends in order.
+func (s *Service) Equal(o *Service) bool {
+	return s.Name == o.Name && s.Frontend == o.Frontend && s.Algorithm == o.Algorithm && s.Mode == o.Mode &&
+		s.Dispatch == o.Dispatch && s.Kind == o.Kind && s.AffinityTimeout == o.AffinityTimeout && s.Origin == o.Origin &&
+		slices.Equal(s.Backends, o.Backends)
 }
 
 // HostNSOnly is a tri-state per-pod override of the global hostNamespaceOnly.
@@ -164,6 +214,8 @@ type Pod struct {
 	// sidecar proxy and same-node sidecars' connections to its inbound
 	// listener, without iptables.
 	Sidecar *Sidecar `json:"sidecar,omitempty"`
+	// UID optionally identifies the pod object (Kubernetes metadata.uid).
+	UID string `json:"uid,omitempty"`
 }
 
 // Sidecar describes a pod's sidecar proxy (Istio conventions by default).
@@ -233,7 +285,8 @@ func (s Sidecar) WithDefaults() Sidecar {
 
 // Equal tells whether p and q describe the same enrollment.
 func (p *Pod) Equal(q *Pod) bool {
-	if p.Name != q.Name || p.NetNS != q.NetNS || p.SocketLB != q.SocketLB || p.Sockmap != q.Sockmap || !slices.Equal(p.IPs, q.IPs) {
+	if p.Name != q.Name || p.NetNS != q.NetNS || p.UID != q.UID || p.SocketLB != q.SocketLB || p.Sockmap != q.Sockmap ||
+		!slices.Equal(p.IPs, q.IPs) {
 		return false
 	}
 	if (p.Sidecar == nil) != (q.Sidecar == nil) {
@@ -367,6 +420,14 @@ func (s *Service) Validate(prefix string) error {
 	case "", IPIP, Geneve, IPOption:
 	default:
 		return fieldErr(prefix+".dispatch", "unknown dispatch %q (want ipip, geneve or opt)", s.Dispatch)
+	}
+	switch s.Kind {
+	case "", ClusterIP, NodePort, LoadBalancer, ExternalIP:
+	default:
+		return fieldErr(prefix+".kind", "unknown frontend kind %q (want clusterIP, nodePort, loadBalancer or externalIP)", s.Kind)
+	}
+	if s.AffinityTimeout > MaxAffinityTimeout {
+		return fieldErr(prefix+".affinityTimeoutSeconds", "%d is above the maximum %d", s.AffinityTimeout, MaxAffinityTimeout)
 	}
 	if len(s.Backends) > MaxBackendsPerService {
 		return fieldErr(prefix+".backends", "%d backends, at most %d allowed", len(s.Backends), MaxBackendsPerService)

@@ -16,7 +16,17 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/shuntmesh/shunt/agent"
+	"github.com/shuntmesh/shunt/agent/k8s"
 )
+
+func newKubeSource(kc agent.KubernetesConfig, a *agent.Agent, log *slog.Logger, reg prometheus.Registerer) (*k8s.Source, error) {
+	k8s.RouteKlog(log)
+	rc, err := k8s.RESTConfig(kc.Kubeconfig)
+	if err != nil {
+		return nil, err
+	}
+	return k8s.New(kc, rc, a, log, reg)
+}
 
 func main() {
 	configPath := flag.String("config", agent.DefaultConfigPath, "configuration file (YAML)")
@@ -29,6 +39,9 @@ func main() {
 	hostOnly := flag.Bool("host-namespace-only", false, "translate only the node's own sockets (overrides the file when set)")
 	logLevel := flag.String("log-level", "info", "debug, info, warn or error")
 	validate := flag.Bool("validate", false, "validate the configuration and exit")
+	kube := flag.Bool("kubernetes", false, "enable the Kubernetes source with the in-cluster configuration (also enabled by -kubeconfig or a kubernetes: section)")
+	kubeconfig := flag.String("kubeconfig", "", "kubeconfig file of the cluster (enables the Kubernetes source)")
+	nodeName := flag.String("node-name", "", "this node's name in the cluster (default $NODE_NAME, else the host name)")
 	flag.Parse()
 
 	var lvl slog.Level
@@ -66,12 +79,19 @@ func main() {
 	if set["host-namespace-only"] {
 		cfg.SocketLB.HostNamespaceOnly = *hostOnly
 	}
-	if *validate {
-		if err := cfg.WithDefaults().XDS.Validate(); err != nil {
-			fmt.Fprintln(os.Stderr, "shuntd: invalid configuration:", err)
-			os.Exit(1)
+	if (*kube || *kubeconfig != "" || *nodeName != "") && cfg.Kubernetes == nil {
+		cfg.Kubernetes = &agent.KubernetesConfig{}
+	}
+	if cfg.Kubernetes != nil {
+		if *kubeconfig != "" {
+			cfg.Kubernetes.Kubeconfig = *kubeconfig
 		}
-		if _, err := cfg.State(); err != nil {
+		if *nodeName != "" {
+			cfg.Kubernetes.NodeName = *nodeName
+		}
+	}
+	if *validate {
+		if err := cfg.WithDefaults().Validate(); err != nil {
 			fmt.Fprintln(os.Stderr, "shuntd: invalid configuration:", err)
 			os.Exit(1)
 		}
@@ -93,9 +113,27 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	var kubeDone chan error
+	if kc := a.Config().Kubernetes; kc != nil {
+		src, err := newKubeSource(*kc, a, log, reg)
+		if err != nil {
+			log.Error("kubernetes", "err", err)
+			a.Close()
+			os.Exit(1)
+		}
+		kubeDone = make(chan error, 1)
+		go func() { kubeDone <- src.Run(ctx) }()
+		log.Info("kubernetes source started", "node", kc.NodeName, "kubeconfig", kc.Kubeconfig)
+	}
 	log.Info("shuntd running", "api", a.Config().APISocket, "metrics", a.Config().MetricsAddr, "xds", a.Config().XDS.Enabled)
 	err = a.Run(ctx, reg)
+	stop()
 	a.StopXDS()
+	if kubeDone != nil {
+		if kerr := <-kubeDone; kerr != nil && err == nil {
+			err = kerr
+		}
+	}
 	a.Close() // programs stay attached through their pinned links
 	if err != nil {
 		log.Error("run", "err", err)

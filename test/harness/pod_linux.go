@@ -46,6 +46,24 @@ var podNameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$`)
 // <test>/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice/cri-containerd-<id>.scope.
 func (e *Env) NewPod(name string) *Pod {
 	e.t.Helper()
+	return e.newPod(name, newUUID())
+}
+
+var uidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
+
+// NewPodWithUID is NewPod with a given pod UID (lower-case UUID), e.g. the
+// metadata.uid of a Pod object created in a test API server, so that an
+// agent finds this pod's cgroup from the object.
+func (e *Env) NewPodWithUID(name, uid string) *Pod {
+	e.t.Helper()
+	if !uidRE.MatchString(uid) {
+		e.t.Fatalf("harness: bad pod UID %q (want a lower-case UUID)", uid)
+	}
+	return e.newPod(name, uid)
+}
+
+func (e *Env) newPod(name, uid string) *Pod {
+	e.t.Helper()
 	if !podNameRE.MatchString(name) || name == nodeName {
 		e.t.Fatalf("harness: bad pod name %q (lower-case letters, digits and '-', at most 40, not %q)", name, nodeName)
 	}
@@ -60,7 +78,6 @@ func (e *Env) NewPod(name string) *Pod {
 	}
 	e.nextIdx++
 	idx := e.nextIdx
-	uid := newUUID()
 	container := randHex(32)
 	slice := filepath.Join(e.cgroup, "kubepods.slice", "kubepods-besteffort.slice",
 		"kubepods-besteffort-pod"+strings.ReplaceAll(uid, "-", "_")+".slice")

@@ -36,6 +36,10 @@ const benchUsage = `usage:
                      [--interval 20ms] [--delta] [--seed 1] [--markdown]
       xDS server: full translation, push latency of one service's endpoint change to N
       connected sidecar-like ADS clients, server memory per client (no root needed)
+  shuntctl bench k8s [--services 3000] [--endpoints 30] [--updates 40] [--reps 5] [--seed 1]
+                     [--shuntd PATH] [--markdown]
+      Kubernetes source against a real kube-apiserver + etcd (scripts/build-k8s.sh):
+      initial sync, shuntd RSS, EndpointSlice update -> map latency vs a full relist
 
 All but xds need root and remove everything they create (network namespaces
 shuntbench-* and shuntxdp-*, cgroups and bpffs folders shunt-bench-* and
@@ -48,7 +52,7 @@ Progress goes to stderr, the report to stdout.
 func benchCmd(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, benchUsage)
-		return errors.New("bench: want connect, update, sidecar, xdp or xds")
+		return errors.New("bench: want connect, update, sidecar, xdp, xds or k8s")
 	}
 	switch args[0] {
 	case "worker":
@@ -66,11 +70,13 @@ func benchCmd(args []string, stdout, stderr io.Writer) error {
 		return benchXDP(args[1:], stdout, stderr)
 	case "xds":
 		return benchXDS(args[1:], stdout, stderr)
+	case "k8s":
+		return benchK8s(args[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, benchUsage)
 		return nil
 	}
-	return fmt.Errorf("bench %s: unknown subcommand (want connect, update, sidecar, xdp or xds)", args[0])
+	return fmt.Errorf("bench %s: unknown subcommand (want connect, update, sidecar, xdp, xds or k8s)", args[0])
 }
 
 func benchFlags(name string, stderr io.Writer) *flag.FlagSet {
@@ -228,4 +234,25 @@ func benchXDS(args []string, stdout, stderr io.Writer) error {
 	defer stop()
 	return interrupted(ctx, bench.RunXDS(ctx, bench.XDSOptions{Services: *services, Backends: *backends, Clients: *clients,
 		Changes: *changes, Reps: *reps, Interval: *interval, Delta: *delta, Seed: *seed, Markdown: *md, Log: stderr}, stdout))
+}
+
+func benchK8s(args []string, stdout, stderr io.Writer) error {
+	fs := benchFlags("k8s", stderr)
+	services := fs.Int("services", 3000, "Services (one EndpointSlice each)")
+	endpoints := fs.Int("endpoints", 30, "endpoints per Service")
+	updates := fs.Int("updates", 40, "EndpointSlice updates timed per repetition")
+	reps := fs.Int("reps", 5, "repetitions (relist + updates, alternating order)")
+	seed := fs.Uint64("seed", 1, "seed of the random picks")
+	shuntd := fs.String("shuntd", "", "shuntd binary (default: next to shuntctl, then $PATH)")
+	md := fs.Bool("markdown", false, "print only the Markdown table")
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("bench k8s: %w", err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("bench k8s: unexpected argument %q", fs.Arg(0))
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	return interrupted(ctx, bench.RunK8s(ctx, bench.K8sOptions{Services: *services, Endpoints: *endpoints, Updates: *updates,
+		Reps: *reps, Seed: *seed, Shuntd: *shuntd, Markdown: *md, Log: stderr}, stdout))
 }
