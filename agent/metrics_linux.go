@@ -23,6 +23,7 @@ var StatNames = []string{
 	"sockhash_fail",
 	"msg_redirect",
 	"msg_miss",
+	"msg_backpressure",
 }
 
 // PodStatNames labels enum pod_stat (bpf/lib/shunt.h), in order.
@@ -37,6 +38,8 @@ var PodStatNames = []string{
 	"msg_redirect",
 	"bytes_redirect",
 	"msg_miss",
+	"msg_backpressure",
+	"msg_resume",
 }
 
 var _ = [1]int{}[len(PodStatNames)-int(bpf.SockmeshPodStatPOD_STAT_MAX)] // len(PodStatNames) == POD_STAT_MAX
@@ -75,7 +78,8 @@ func newMetrics(a *Agent) *metrics {
 		podEvents: prometheus.NewDesc("shunt_pod_events_total", "Sidecar steering and sockmap events of enrolled pods, summed per namespace "+
 			"(steer_outbound: app connection sent to its sidecar; steer_inbound: sidecar connection sent to a same-node pod's inbound listener; "+
 			"steer_skip: left alone (excluded, loopback); origdst_answer: SO_ORIGINAL_DST answered; sock_insert/sock_close: sockets put in / closed from the sockhash; "+
-			"sock_fallback: would accelerate but the self-test did not pass; msg_redirect/bytes_redirect: sends short-circuited to the peer socket; msg_miss: peer not accelerated, normal stack).",
+			"sock_fallback: would accelerate but the self-test did not pass; msg_redirect/bytes_redirect: sends short-circuited to the peer socket; msg_miss: peer not accelerated, normal stack; "+
+			"msg_backpressure: send taken through TCP because the peer's queue was full or TCP bytes were still unread; msg_resume: redirects resumed once the TCP path drained).",
 			[]string{"namespace", "event"}, nil),
 		sockmapSockets: prometheus.NewDesc("shunt_sockmap_sockets", "Sockets of the namespace's pods in the sockhash (inserted minus closed).", []string{"namespace"}, nil),
 		selfTest:       prometheus.NewDesc("shunt_sockmap_selftest_passed", "1 when the sockmap self-test passed on this kernel (sockmap auto accelerates), 0 when it failed (auto accelerates nothing).", nil, nil),

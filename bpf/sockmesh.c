@@ -33,6 +33,7 @@
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 #include "lib/shunt.h"
 
@@ -43,13 +44,30 @@
 #define SOCK_STREAM 1
 #define LOOPBACK4 0x7f000001 /* 127.0.0.1, host order */
 
-/* The bits of the kernel's struct sock that sockops needs, relocated by
- * CO-RE against the running kernel's BTF. */
+/* The bits of the kernel's socket structs that sockops and sk_msg need,
+ * relocated by CO-RE against the running kernel's BTF. */
 struct sock___shunt {
 	struct {
 		__u32 val;
 	} sk_uid;
+	int sk_rcvbuf;
+	void *sk_user_data;
 } __attribute__((preserve_access_index));
+
+struct tcp_sock___shunt {
+	__u32 rcv_nxt;
+	__u32 copied_seq;
+	__u32 snd_una;
+	__u32 write_seq;
+} __attribute__((preserve_access_index));
+
+/* struct sk_psock: msg_tot_len is the bytes waiting in the socket's
+ * ingress_msg queue (what sk_msg redirected to it, not yet read). */
+struct sk_psock___shunt {
+	__u32 msg_tot_len;
+} __attribute__((preserve_access_index));
+
+#define SK_USER_DATA_PTRMASK (~7ULL) /* NOCOPY | BPF | PSOCK flag bits */
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -154,6 +172,25 @@ struct {
 	__type(value, struct pod_stats);
 	__uint(max_entries, 16385);
 } pod_counters SEC(".maps");
+
+/* accel_socks: an accelerated socket's sockhash key -> the address of its
+ * struct sock, so that the peer's sk_msg can read how much it has queued
+ * (sk_msg may look sockets up in the sockhash but cannot release them).
+ * Written when the socket enters the sockhash, deleted when it closes; read
+ * only with bpf_probe_read_kernel. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct sock_key);
+	__type(value, __u64);
+	__uint(max_entries, 65536);
+} accel_socks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct redir_state);
+} redir_state SEC(".maps");
 
 /* Force BTF for the types Go needs that no map names. */
 const enum shunt_stat __unused_stat __attribute__((unused));
@@ -796,8 +833,12 @@ static __always_inline void on_established(struct bpf_sock_ops *skops)
 	struct sidecar_cfg *sc;
 	struct pod_info *pod;
 	struct shunt_addr remote = {};
+	struct sock___shunt *tp;
+	struct redir_state *st;
+	struct bpf_sock *sk;
 	struct sock_key k = {};
 	struct conn c;
+	__u64 addr;
 	__u64 ns = bpf_get_netns_cookie(skops);
 
 	pod = bpf_map_lookup_elem(&pods, &ns);
@@ -823,7 +864,25 @@ static __always_inline void on_established(struct bpf_sock_ops *skops)
 		}
 	}
 	conn_key(&c, &k, 0, ns);
+	/* sk_msg redirects only sends of sockets with this state, so it
+	 * exists before the first send or never. */
+	sk = skops->sk;
+	if (!sk)
+		return;
+	st = bpf_sk_storage_get(&redir_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	tp = (struct sock___shunt *)bpf_skc_to_tcp_sock(sk);
+	if (!st || !tp) {
+		stat_inc(STAT_SOCKHASH_FAIL);
+		return;
+	}
+	addr = (__u64)tp;
+	if (bpf_map_update_elem(&accel_socks, &k, &addr, BPF_ANY)) {
+		stat_inc(STAT_SOCKHASH_FAIL);
+		return;
+	}
+	st->registered = 1;
 	if (bpf_sock_hash_update(skops, &sock_hash, &k, BPF_NOEXIST)) {
+		bpf_map_delete_elem(&accel_socks, &k);
 		stat_inc(STAT_SOCKHASH_FAIL);
 		return;
 	}
@@ -848,6 +907,12 @@ int shunt_sockops(struct bpf_sock_ops *skops)
 		if (skops->args[1] == BPF_TCP_CLOSE) {
 			__u64 ns = bpf_get_netns_cookie(skops);
 			struct pod_info *pod = bpf_map_lookup_elem(&pods, &ns);
+			struct sock_key k = {};
+			struct conn c;
+
+			sockops_conn(skops, &c);
+			conn_key(&c, &k, 0, ns);
+			bpf_map_delete_elem(&accel_socks, &k);
 			if (pod)
 				pod_stat_add(pod->id, POD_STAT_SOCK_CLOSE, 1);
 		}
@@ -856,20 +921,75 @@ int shunt_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+/* kread reads a u32 of the kernel object at addr + off; 0 on success. */
+static __always_inline long kread(__u32 *dst, __u64 addr, __u32 off)
+{
+	return bpf_probe_read_kernel(dst, sizeof(*dst), (void *)(addr + off));
+}
+
+/* peer_full tells whether a send of size bytes must not be redirected to
+ * the peer socket at address peer, because its ingress queue already holds
+ * as much as its receive buffer: a redirected send never blocks, so without
+ * this check a slow reader would let the sender queue without bound (no
+ * back-pressure). Anything that cannot be read counts as full: TCP. */
+static __always_inline int peer_full(__u64 peer, __u32 size)
+{
+	__u64 ud = 0;
+	__u32 queued, rcvbuf;
+
+	if (!bpf_core_field_exists(struct sk_psock___shunt, msg_tot_len))
+		return 1;
+	if (bpf_probe_read_kernel(&ud, sizeof(ud), (void *)(peer + bpf_core_field_offset(struct sock___shunt, sk_user_data))))
+		return 1;
+	ud &= SK_USER_DATA_PTRMASK;
+	if (!ud || kread(&queued, ud, bpf_core_field_offset(struct sk_psock___shunt, msg_tot_len)) ||
+	    kread(&rcvbuf, peer, bpf_core_field_offset(struct sock___shunt, sk_rcvbuf)))
+		return 1;
+	return queued > 0 && (__u64)queued + size > (__u64)rcvbuf;
+}
+
+/* tcp_drained tells whether every byte self sent through TCP has been
+ * read by the peer socket at address peer: all of it acknowledged (so in
+ * the peer's receive queue, or read) and the peer's receive queue empty.
+ * Only then may redirects resume without overtaking bytes still on the
+ * TCP path. */
+static __always_inline int tcp_drained(struct bpf_sock *self, __u64 peer)
+{
+	struct tcp_sock___shunt *a = (struct tcp_sock___shunt *)bpf_skc_to_tcp_sock(self);
+	__u32 rcv_nxt, copied_seq;
+
+	if (!a || a->write_seq != a->snd_una)
+		return 0;
+	if (kread(&rcv_nxt, peer, bpf_core_field_offset(struct tcp_sock___shunt, rcv_nxt)) ||
+	    kread(&copied_seq, peer, bpf_core_field_offset(struct tcp_sock___shunt, copied_seq)))
+		return 0;
+	return rcv_nxt == copied_seq;
+}
+
 /* shunt_sk_msg runs on every send of a socket in the sockhash: the bytes go
  * straight to the peer socket's receive queue when the peer is in the
- * sockhash too, else through the normal stack. */
+ * sockhash too and has room, else through the normal stack.
+ *
+ * Back-pressure: when the peer's queue is full the send takes TCP, which
+ * blocks the sender as usual, and so do all later sends until everything
+ * sent through TCP has been read (redirected bytes are read before TCP
+ * ones, so resuming earlier could reorder the stream). The same rule covers
+ * sends made before the peer entered the sockhash. */
 SEC("sk_msg")
 int shunt_sk_msg(struct sk_msg_md *msg)
 {
 	struct sock_key peer = {};
 	__u64 ns = bpf_get_netns_cookie(msg);
+	struct redir_state *st;
+	struct bpf_sock *sk = msg->sk;
+	__u64 *psk;
 	struct pod_info *pod;
 	__u32 size = msg->size;
 	__u32 family = msg->family;
 	__u32 l4 = msg->local_ip4, r4 = msg->remote_ip4;
 	__u32 l6[4], r6[4];
 	struct conn c;
+	long ret;
 
 	l6[0] = msg->local_ip6[0];
 	l6[1] = msg->local_ip6[1];
@@ -884,7 +1004,46 @@ int shunt_sk_msg(struct sk_msg_md *msg)
 	conn_set(&c, family, l4, r4, l6, r6);
 	conn_key(&c, &peer, 1, ns);
 	pod = bpf_map_lookup_elem(&pods, &ns);
-	if (bpf_msg_redirect_hash(msg, &sock_hash, &peer, BPF_F_INGRESS) == SK_PASS) {
+	if (!sk)
+		goto miss;
+	st = bpf_sk_storage_get(&redir_state, sk, 0, 0);
+	if (!st)
+		goto miss; /* in the sockhash since before this program: TCP */
+	if (!st->registered) {
+		/* Put in the sockhash by the agent itself (the self-test), not by
+		 * sockops: make this socket findable by its peer. */
+		struct sock___shunt *tp = (struct sock___shunt *)bpf_skc_to_tcp_sock(sk);
+		struct sock_key own = {};
+		__u64 addr;
+
+		if (!tp)
+			goto miss;
+		addr = (__u64)tp;
+		conn_key(&c, &own, 0, ns);
+		if (!bpf_map_update_elem(&accel_socks, &own, &addr, BPF_ANY))
+			st->registered = 1;
+	}
+	psk = bpf_map_lookup_elem(&accel_socks, &peer);
+	if (!psk) {
+		/* Not (yet) accelerated: a peer accepting this connection enters
+		 * the sockhash only when its handshake completes, after which
+		 * bytes sent now may still sit in its TCP queue. */
+		st->tcp = 1;
+		goto miss;
+	}
+	if (st->tcp) {
+		if (!tcp_drained(sk, *psk))
+			goto full;
+		st->tcp = 0;
+		if (pod)
+			pod_stat_add(pod->id, POD_STAT_MSG_RESUME, 1);
+	}
+	if (peer_full(*psk, size)) {
+		st->tcp = 1;
+		goto full;
+	}
+	ret = bpf_msg_redirect_hash(msg, &sock_hash, &peer, BPF_F_INGRESS);
+	if (ret == SK_PASS) {
 		stat_inc(STAT_MSG_REDIRECT);
 		if (pod) {
 			pod_stat_add(pod->id, POD_STAT_MSG_REDIRECT, 1);
@@ -892,9 +1051,18 @@ int shunt_sk_msg(struct sk_msg_md *msg)
 		}
 		return SK_PASS;
 	}
+	/* The peer left the sockhash between lookup and redirect (closed):
+	 * TCP from now on. */
+	st->tcp = 1;
+miss:
 	stat_inc(STAT_MSG_MISS);
 	if (pod)
 		pod_stat_add(pod->id, POD_STAT_MSG_MISS, 1);
+	return SK_PASS;
+full:
+	stat_inc(STAT_MSG_BACKPRESSURE);
+	if (pod)
+		pod_stat_add(pod->id, POD_STAT_MSG_BACKPRESSURE, 1);
 	return SK_PASS;
 }
 

@@ -47,22 +47,30 @@ type SockmeshPodInfo struct {
 type SockmeshPodStat uint32
 
 const (
-	SockmeshPodStatPOD_STAT_STEER_OUTBOUND SockmeshPodStat = 0
-	SockmeshPodStatPOD_STAT_STEER_INBOUND  SockmeshPodStat = 1
-	SockmeshPodStatPOD_STAT_STEER_SKIP     SockmeshPodStat = 2
-	SockmeshPodStatPOD_STAT_ORIGDST_ANSWER SockmeshPodStat = 3
-	SockmeshPodStatPOD_STAT_SOCK_INSERT    SockmeshPodStat = 4
-	SockmeshPodStatPOD_STAT_SOCK_CLOSE     SockmeshPodStat = 5
-	SockmeshPodStatPOD_STAT_SOCK_FALLBACK  SockmeshPodStat = 6
-	SockmeshPodStatPOD_STAT_MSG_REDIRECT   SockmeshPodStat = 7
-	SockmeshPodStatPOD_STAT_BYTES_REDIRECT SockmeshPodStat = 8
-	SockmeshPodStatPOD_STAT_MSG_MISS       SockmeshPodStat = 9
-	SockmeshPodStatPOD_STAT_MAX            SockmeshPodStat = 10
+	SockmeshPodStatPOD_STAT_STEER_OUTBOUND   SockmeshPodStat = 0
+	SockmeshPodStatPOD_STAT_STEER_INBOUND    SockmeshPodStat = 1
+	SockmeshPodStatPOD_STAT_STEER_SKIP       SockmeshPodStat = 2
+	SockmeshPodStatPOD_STAT_ORIGDST_ANSWER   SockmeshPodStat = 3
+	SockmeshPodStatPOD_STAT_SOCK_INSERT      SockmeshPodStat = 4
+	SockmeshPodStatPOD_STAT_SOCK_CLOSE       SockmeshPodStat = 5
+	SockmeshPodStatPOD_STAT_SOCK_FALLBACK    SockmeshPodStat = 6
+	SockmeshPodStatPOD_STAT_MSG_REDIRECT     SockmeshPodStat = 7
+	SockmeshPodStatPOD_STAT_BYTES_REDIRECT   SockmeshPodStat = 8
+	SockmeshPodStatPOD_STAT_MSG_MISS         SockmeshPodStat = 9
+	SockmeshPodStatPOD_STAT_MSG_BACKPRESSURE SockmeshPodStat = 10
+	SockmeshPodStatPOD_STAT_MSG_RESUME       SockmeshPodStat = 11
+	SockmeshPodStatPOD_STAT_MAX              SockmeshPodStat = 12
 )
 
 type SockmeshPodStats struct {
 	_ structs.HostLayout
-	V [10]uint64
+	V [12]uint64
+}
+
+type SockmeshRedirState struct {
+	_          structs.HostLayout
+	Tcp        uint32
+	Registered uint32
 }
 
 type SockmeshRevnatKey struct {
@@ -98,7 +106,7 @@ type SockmeshShuntConfig struct {
 type SockmeshShuntLayout uint32
 
 const (
-	SockmeshShuntLayoutSHUNT_LAYOUT_VERSION SockmeshShuntLayout = 1
+	SockmeshShuntLayoutSHUNT_LAYOUT_VERSION SockmeshShuntLayout = 2
 )
 
 type SockmeshShuntMeta struct {
@@ -110,16 +118,17 @@ type SockmeshShuntMeta struct {
 type SockmeshShuntStat uint32
 
 const (
-	SockmeshShuntStatSTAT_BYPASS_NETNS  SockmeshShuntStat = 0
-	SockmeshShuntStatSTAT_SLOT_MISS     SockmeshShuntStat = 1
-	SockmeshShuntStatSTAT_REVNAT_FAIL   SockmeshShuntStat = 2
-	SockmeshShuntStatSTAT_REVNAT_HIT    SockmeshShuntStat = 3
-	SockmeshShuntStatSTAT_V4MAPPED      SockmeshShuntStat = 4
-	SockmeshShuntStatSTAT_ORIGDST_FAIL  SockmeshShuntStat = 5
-	SockmeshShuntStatSTAT_SOCKHASH_FAIL SockmeshShuntStat = 6
-	SockmeshShuntStatSTAT_MSG_REDIRECT  SockmeshShuntStat = 7
-	SockmeshShuntStatSTAT_MSG_MISS      SockmeshShuntStat = 8
-	SockmeshShuntStatSTAT_MAX           SockmeshShuntStat = 9
+	SockmeshShuntStatSTAT_BYPASS_NETNS     SockmeshShuntStat = 0
+	SockmeshShuntStatSTAT_SLOT_MISS        SockmeshShuntStat = 1
+	SockmeshShuntStatSTAT_REVNAT_FAIL      SockmeshShuntStat = 2
+	SockmeshShuntStatSTAT_REVNAT_HIT       SockmeshShuntStat = 3
+	SockmeshShuntStatSTAT_V4MAPPED         SockmeshShuntStat = 4
+	SockmeshShuntStatSTAT_ORIGDST_FAIL     SockmeshShuntStat = 5
+	SockmeshShuntStatSTAT_SOCKHASH_FAIL    SockmeshShuntStat = 6
+	SockmeshShuntStatSTAT_MSG_REDIRECT     SockmeshShuntStat = 7
+	SockmeshShuntStatSTAT_MSG_MISS         SockmeshShuntStat = 8
+	SockmeshShuntStatSTAT_MSG_BACKPRESSURE SockmeshShuntStat = 9
+	SockmeshShuntStatSTAT_MAX              SockmeshShuntStat = 10
 )
 
 type SockmeshSidecarCfg struct {
@@ -188,12 +197,14 @@ type SockmeshSvcValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	SockmeshMapAccelSocks         = "accel_socks"
 	SockmeshMapConfig             = "config"
 	SockmeshMapLocalIps           = "local_ips"
 	SockmeshMapMeta               = "meta"
 	SockmeshMapOrigdst            = "origdst"
 	SockmeshMapPodCounters        = "pod_counters"
 	SockmeshMapPods               = "pods"
+	SockmeshMapRedirState         = "redir_state"
 	SockmeshMapRevnat             = "revnat"
 	SockmeshMapServices           = "services"
 	SockmeshMapSidecars           = "sidecars"
@@ -281,12 +292,14 @@ type SockmeshProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockmeshMapSpecs struct {
+	AccelSocks   *ebpf.MapSpec `ebpf:"accel_socks"`
 	Config       *ebpf.MapSpec `ebpf:"config"`
 	LocalIps     *ebpf.MapSpec `ebpf:"local_ips"`
 	Meta         *ebpf.MapSpec `ebpf:"meta"`
 	Origdst      *ebpf.MapSpec `ebpf:"origdst"`
 	PodCounters  *ebpf.MapSpec `ebpf:"pod_counters"`
 	Pods         *ebpf.MapSpec `ebpf:"pods"`
+	RedirState   *ebpf.MapSpec `ebpf:"redir_state"`
 	Revnat       *ebpf.MapSpec `ebpf:"revnat"`
 	Services     *ebpf.MapSpec `ebpf:"services"`
 	Sidecars     *ebpf.MapSpec `ebpf:"sidecars"`
@@ -330,12 +343,14 @@ func (o *SockmeshObjects) Close() error {
 //
 // It can be passed to LoadSockmeshObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockmeshMaps struct {
+	AccelSocks   *ebpf.Map `ebpf:"accel_socks"`
 	Config       *ebpf.Map `ebpf:"config"`
 	LocalIps     *ebpf.Map `ebpf:"local_ips"`
 	Meta         *ebpf.Map `ebpf:"meta"`
 	Origdst      *ebpf.Map `ebpf:"origdst"`
 	PodCounters  *ebpf.Map `ebpf:"pod_counters"`
 	Pods         *ebpf.Map `ebpf:"pods"`
+	RedirState   *ebpf.Map `ebpf:"redir_state"`
 	Revnat       *ebpf.Map `ebpf:"revnat"`
 	Services     *ebpf.Map `ebpf:"services"`
 	Sidecars     *ebpf.Map `ebpf:"sidecars"`
@@ -348,12 +363,14 @@ type SockmeshMaps struct {
 
 func (m *SockmeshMaps) Close() error {
 	return _SockmeshClose(
+		m.AccelSocks,
 		m.Config,
 		m.LocalIps,
 		m.Meta,
 		m.Origdst,
 		m.PodCounters,
 		m.Pods,
+		m.RedirState,
 		m.Revnat,
 		m.Services,
 		m.Sidecars,

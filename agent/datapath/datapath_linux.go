@@ -355,6 +355,8 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 		bpf.SockmeshMapOrigdst:      o.Origdst,
 		bpf.SockmeshMapSockHash:     o.SockHash,
 		bpf.SockmeshMapPodCounters:  o.PodCounters,
+		bpf.SockmeshMapAccelSocks:   o.AccelSocks,
+		bpf.SockmeshMapRedirState:   o.RedirState,
 	}
 }
 

@@ -396,6 +396,8 @@ func (d *Datapath) Fill() ([]MapFill, error) {
 		switch m.Type() {
 		case ebpf.Array, ebpf.PerCPUArray:
 			continue // fixed size: no fill to report
+		case ebpf.SkStorage:
+			continue // per socket, no capacity
 		default:
 			k := make([]byte, m.KeySize())
 			var next []byte = make([]byte, m.KeySize())

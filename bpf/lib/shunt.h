@@ -12,7 +12,7 @@
 #include <linux/types.h>
 
 enum shunt_layout {
-	SHUNT_LAYOUT_VERSION = 1,
+	SHUNT_LAYOUT_VERSION = 2,
 };
 
 #define SHUNT_AF_INET 2
@@ -163,7 +163,17 @@ enum shunt_stat {
 	STAT_SOCKHASH_FAIL,     /* sockhash insert failed: socket left on TCP */
 	STAT_MSG_REDIRECT,      /* sk_msg redirected a send to the peer socket */
 	STAT_MSG_MISS,          /* sk_msg found no peer: normal stack */
+	STAT_MSG_BACKPRESSURE,  /* sk_msg sent through TCP: peer's queue full */
 	STAT_MAX,
+};
+
+/* Per-socket state of an accelerated socket (sk_storage, created when the
+ * socket enters the sockhash). tcp != 0: sends take the TCP path because
+ * the peer's queue was full, until everything sent that way is consumed.
+ * registered != 0: the socket's address is in accel_socks. */
+struct redir_state {
+	__u32 tcp;
+	__u32 registered;
 };
 
 /* Per-pod counters (per-CPU array indexed by pod_info.id). Go label table in
@@ -179,6 +189,8 @@ enum pod_stat {
 	POD_STAT_MSG_REDIRECT,       /* sk_msg redirected to the peer socket */
 	POD_STAT_BYTES_REDIRECT,
 	POD_STAT_MSG_MISS,           /* peer not in the sockhash: normal stack */
+	POD_STAT_MSG_BACKPRESSURE,   /* send taken by TCP: peer's queue full */
+	POD_STAT_MSG_RESUME,         /* redirects resumed: TCP path drained */
 	POD_STAT_MAX,
 };
 

@@ -49,21 +49,9 @@ func enroll(t *testing.T, a *agent.Agent, topo *compat.Topology, mode mesh.Sockm
 	}
 }
 
-// autoKnownFailures are cells `sockmap: auto` fails on kernel 6.18, with
-// the reason; they are logged, not failed, until Shunt fixes them (issue 3).
-// Any other failure under auto (or off) fails the test.
-var autoKnownFailures = map[string]string{
-	// The accelerated sidecar↔sidecar hop redirects into the peer's
-	// receive queue without back-pressure: the sending sidecar never
-	// blocks, so it keeps draining the app, whose writes are accepted far
-	// beyond what the path's TCP buffers hold (unbounded kernel memory).
-	"backpressure/client": "no back-pressure across the accelerated sidecar-to-sidecar hop",
-	"backpressure/server": "no back-pressure across the accelerated sidecar-to-sidecar hop",
-}
-
 // runShunt runs the scenarios through sidecars in both pods steered by
 // Shunt (no iptables) under sockmap off, auto and on, one column each.
-// off and auto must pass everything (but autoKnownFailures); on is reported
+// off and auto must pass everything; on is reported
 // (its hazards are the documented ones).
 func runShunt(t *testing.T, setup compat.Setup, scenarios []compat.Scenario, modes ...mesh.SockmapMode) {
 	env := harness.New(t)
@@ -74,17 +62,25 @@ func runShunt(t *testing.T, setup compat.Setup, scenarios []compat.Scenario, mod
 	topo := compat.NewTopology(t, env, setup)
 	base := setup.Name
 	var m compat.Matrix
+	sum := func(event string) uint64 {
+		st, err := a.Status()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var n uint64
+		for _, p := range st.Pods {
+			n += p.Counters[event]
+		}
+		return n
+	}
 	for _, mode := range modes {
+		redir0, bp0, resume0 := sum("msg_redirect"), sum("msg_backpressure"), sum("msg_resume")
 		enroll(t, a, topo, mode)
 		topo.Name = base + "/" + string(mode)
 		res := compat.Run(t, env, topo, scenarios)
 		m.Add(res)
 		for _, r := range res.Failed() {
-			switch known, ok := autoKnownFailures[r.Scenario]; {
-			case mode == mesh.SockmapOn:
-			case mode == mesh.SockmapAuto && ok:
-				t.Logf("KNOWN FAILURE (%s): %v", known, r)
-			default:
+			if mode != mesh.SockmapOn {
 				t.Errorf("%v", r)
 			}
 		}
@@ -95,8 +91,28 @@ func runShunt(t *testing.T, setup compat.Setup, scenarios []compat.Scenario, mod
 		for _, p := range st.Pods {
 			t.Logf("after %s: pod %s counters %v", topo.Name, p.Name, p.Counters)
 		}
+		// auto must really have accelerated, and the back-pressure cells
+		// must have made sends switch to TCP and back (bytes verified).
+		if mode == mesh.SockmapAuto {
+			if sum("msg_redirect") == redir0 {
+				t.Errorf("%s: nothing was accelerated", topo.Name)
+			}
+			if hasScenario(scenarios, "backpressure/client") && (sum("msg_backpressure") == bp0 || sum("msg_resume") == resume0) {
+				t.Errorf("%s: the back-pressure cells never switched sends to TCP and back (msg_backpressure +%d, msg_resume +%d)",
+					topo.Name, sum("msg_backpressure")-bp0, sum("msg_resume")-resume0)
+			}
+		}
 	}
 	t.Logf("compatibility matrix:\n%s%s", m.String(), m.Notes())
+}
+
+func hasScenario(sc []compat.Scenario, name string) bool {
+	for _, s := range sc {
+		if s.Name == name {
+			return true
+		}
+	}
+	return false
 }
 
 // EnvFull, set to anything, runs every Shunt configuration on the whole

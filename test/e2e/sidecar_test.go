@@ -297,7 +297,7 @@ func TestSidecarAcceleratedSurviveAgentRestart(t *testing.T) {
 	deadline := time.Now().Add(30 * time.Second)
 	for podStatus(t, a, "a/client").Counters["msg_redirect"] == 0 {
 		if time.Now().After(deadline) {
-			t.Fatal("the stream was never accelerated")
+			t.Fatalf("the stream was never accelerated: client %v server %v", podStatus(t, a, "a/client").Counters, podStatus(t, a, "b/server").Counters)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
