@@ -130,13 +130,16 @@ type SocketLBConfig struct {
 
 // ServiceConfig is a service as written in YAML and sent by shuntctl.
 type ServiceConfig struct {
-	Name      string          `json:"name"`
-	Frontend  string          `json:"frontend"`
-	Protocol  string          `json:"protocol,omitempty"`
-	Algorithm string          `json:"algorithm,omitempty"`
-	Mode      string          `json:"mode,omitempty"`
-	Dispatch  string          `json:"dispatch,omitempty"`
-	Backends  []BackendConfig `json:"backends"`
+	Name      string `json:"name"`
+	Frontend  string `json:"frontend"`
+	Protocol  string `json:"protocol,omitempty"`
+	Algorithm string `json:"algorithm,omitempty"`
+	Mode      string `json:"mode,omitempty"`
+	Dispatch  string `json:"dispatch,omitempty"`
+	// AffinityTimeoutSeconds > 0: a client (a pod, or the node) keeps its
+	// backend while it connects again within this many seconds.
+	AffinityTimeoutSeconds uint32          `json:"affinityTimeoutSeconds,omitempty"`
+	Backends               []BackendConfig `json:"backends"`
 }
 
 // BackendConfig is one backend in YAML; an absent weight means 1.
@@ -243,7 +246,7 @@ func (c Config) State() (*mesh.State, error) {
 // Service converts and validates one service; prefix names it in errors.
 func (sc ServiceConfig) Service(prefix string) (mesh.Service, error) {
 	s := mesh.Service{Name: sc.Name, Algorithm: mesh.Algorithm(strings.ToLower(sc.Algorithm)), Mode: mesh.ForwardingMode(strings.ToLower(sc.Mode)),
-		Dispatch: mesh.Dispatch(strings.ToLower(sc.Dispatch))}
+		Dispatch: mesh.Dispatch(strings.ToLower(sc.Dispatch)), AffinityTimeout: sc.AffinityTimeoutSeconds}
 	fe, err := netip.ParseAddrPort(sc.Frontend)
 	if err != nil {
 		return s, &mesh.FieldError{Field: prefix + ".frontend", Msg: fmt.Sprintf("%q is not ADDR:PORT (IPv6 as [ADDR]:PORT)", sc.Frontend)}
@@ -278,7 +281,8 @@ func (sc ServiceConfig) Service(prefix string) (mesh.Service, error) {
 
 // ServiceConfigOf converts a model service back to its config form.
 func ServiceConfigOf(s mesh.Service) ServiceConfig {
-	sc := ServiceConfig{Name: s.Name, Frontend: s.Frontend.Addr.String(), Protocol: string(s.Frontend.Proto), Algorithm: string(s.Algorithm), Mode: string(s.Mode), Dispatch: string(s.Dispatch)}
+	sc := ServiceConfig{Name: s.Name, Frontend: s.Frontend.Addr.String(), Protocol: string(s.Frontend.Proto), Algorithm: string(s.Algorithm), Mode: string(s.Mode), Dispatch: string(s.Dispatch),
+		AffinityTimeoutSeconds: s.AffinityTimeout}
 	for _, b := range s.Backends {
 		w := b.Weight
 		bc := BackendConfig{Addr: b.Addr.String(), Weight: &w, State: string(b.State), Name: b.Name}

@@ -24,6 +24,8 @@ var StatNames = []string{
 	"msg_redirect",
 	"msg_miss",
 	"msg_backpressure",
+	"affinity_hit",
+	"affinity_fail",
 }
 
 // PodStatNames labels enum pod_stat (bpf/lib/shunt.h), in order.

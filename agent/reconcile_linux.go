@@ -104,7 +104,8 @@ func (d *desired) state() *mesh.State {
 func translate(s *mesh.Service) datapath.Service {
 	set := s.ActiveSet()
 	idx := ExpandSlots(set, datapath.MaxSlotsPerService)
-	ds := datapath.Service{Frontend: datapath.MakeAddr(s.Frontend.Addr, s.Frontend.Proto), Slots: make([]datapath.Addr, len(idx))}
+	ds := datapath.Service{Frontend: datapath.MakeAddr(s.Frontend.Addr, s.Frontend.Proto), Slots: make([]datapath.Addr, len(idx)),
+		Affinity: s.AffinityTimeout}
 	for j, k := range idx {
 		ds.Slots[j] = datapath.MakeAddr(set[k].Addr, s.Frontend.Proto)
 	}

@@ -87,6 +87,21 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct affinity_key);
+	__type(value, struct affinity_value);
+	__uint(max_entries, 262144);
+} affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct member_key);
+	__type(value, __u8);
+	__uint(max_entries, 1048576);
+} svc_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct revnat_key);
 	__type(value, struct shunt_addr);
 	__uint(max_entries, 262144);
@@ -259,18 +274,59 @@ enum xlate_result {
 	XLATE_REFUSE = 2,  /* service without backend: refuse */
 };
 
+/* affinity_hit reads the backend client netns ns last used for *svc: it
+ * counts while younger than the service's timeout and still a member. */
+static __always_inline int affinity_hit(struct svc_value *svc, __u64 ns, __u64 now, struct shunt_addr *out)
+{
+	struct affinity_key k = {.netns = ns, .svc_id = svc->id};
+	struct member_key mk = {.svc_id = svc->id};
+	struct affinity_value *v;
+
+	v = bpf_map_lookup_elem(&affinity, &k);
+	if (!v || now - v->last_ns > (__u64)svc->affinity * 1000000000ULL)
+		return 0;
+	mk.backend = v->backend;
+	if (!bpf_map_lookup_elem(&svc_backends, &mk))
+		return 0;
+	v->last_ns = now;
+	*out = v->backend;
+	return 1;
+}
+
+static __always_inline void affinity_store(struct svc_value *svc, __u64 ns, __u64 now, const struct shunt_addr *be)
+{
+	struct affinity_key k = {.netns = ns, .svc_id = svc->id};
+	struct affinity_value v = {};
+
+	v.backend = *be;
+	v.last_ns = now;
+	if (bpf_map_update_elem(&affinity, &k, &v, BPF_ANY))
+		stat_inc(STAT_AFFINITY_FAIL);
+}
+
 /* pick selects a backend of service *svc. sticky != 0 picks the slot from
  * the socket cookie instead of at random, so that an unconnected UDP socket
- * keeps talking to one backend while the service is unchanged. */
-static __always_inline int pick(struct svc_value *svc, struct shunt_addr *out, __u64 cookie, int sticky)
+ * keeps talking to one backend while the service is unchanged. A service
+ * with affinity sends a client (network namespace ns) to the backend it
+ * used last, while that is within the timeout and still a backend. */
+static __always_inline int pick(struct svc_value *svc, struct shunt_addr *out, __u64 cookie, int sticky, __u64 ns)
 {
 	struct shunt_addr *be;
 	struct slot_key sk = {};
+	__u64 now = 0;
 	__u32 r;
 
 	if (svc->count == 0) {
 		svc_stat(svc->id, 0);
 		return XLATE_REFUSE;
+	}
+	if (svc->affinity) {
+		now = bpf_ktime_get_ns();
+		if (affinity_hit(svc, ns, now, out)) {
+			stat_inc(STAT_AFFINITY_HIT);
+			svc_stat(svc->id, 1);
+			return XLATE_DONE;
+		}
 	}
 	if (sticky)
 		r = (__u32)(cookie ^ (cookie >> 32)) * 2654435761u;
@@ -285,6 +341,8 @@ static __always_inline int pick(struct svc_value *svc, struct shunt_addr *out, _
 		return XLATE_NONE;
 	}
 	*out = *be;
+	if (svc->affinity)
+		affinity_store(svc, ns, now, be);
 	svc_stat(svc->id, 1);
 	return XLATE_DONE;
 }
@@ -334,7 +392,7 @@ static __always_inline int xlate4(struct bpf_sock_addr *ctx, int sticky)
 	if (!socklb_enabled(ctx))
 		return 1;
 	cookie = bpf_get_socket_cookie(ctx);
-	res = pick(svc, &be, cookie, sticky);
+	res = pick(svc, &be, cookie, sticky, bpf_get_netns_cookie(ctx));
 	if (res == XLATE_REFUSE)
 		return refuse();
 	if (res != XLATE_DONE || be.family != SHUNT_AF_INET)
@@ -385,7 +443,7 @@ static __always_inline int xlate6(struct bpf_sock_addr *ctx, int sticky)
 	if (!socklb_enabled(ctx))
 		return 1;
 	cookie = bpf_get_socket_cookie(ctx);
-	res = pick(svc, &be, cookie, sticky);
+	res = pick(svc, &be, cookie, sticky, bpf_get_netns_cookie(ctx));
 	if (res == XLATE_REFUSE)
 		return refuse();
 	if (res != XLATE_DONE || be.family != key.family)

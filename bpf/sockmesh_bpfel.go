@@ -13,6 +13,20 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type SockmeshAffinityKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	SvcId uint32
+	Pad   uint32
+}
+
+type SockmeshAffinityValue struct {
+	_       structs.HostLayout
+	Backend SockmeshShuntAddr
+	Pad     uint32
+	LastNs  uint64
+}
+
 type SockmeshConfigFlags uint32
 
 const (
@@ -28,6 +42,12 @@ type SockmeshLocalIpKey struct {
 	_      structs.HostLayout
 	Ip     [4]uint32
 	Family uint32
+}
+
+type SockmeshMemberKey struct {
+	_       structs.HostLayout
+	SvcId   uint32
+	Backend SockmeshShuntAddr
 }
 
 type SockmeshPodFlags uint32
@@ -128,7 +148,9 @@ const (
 	SockmeshShuntStatSTAT_MSG_REDIRECT     SockmeshShuntStat = 7
 	SockmeshShuntStatSTAT_MSG_MISS         SockmeshShuntStat = 8
 	SockmeshShuntStatSTAT_MSG_BACKPRESSURE SockmeshShuntStat = 9
-	SockmeshShuntStatSTAT_MAX              SockmeshShuntStat = 10
+	SockmeshShuntStatSTAT_AFFINITY_HIT     SockmeshShuntStat = 10
+	SockmeshShuntStatSTAT_AFFINITY_FAIL    SockmeshShuntStat = 11
+	SockmeshShuntStatSTAT_MAX              SockmeshShuntStat = 12
 )
 
 type SockmeshSidecarCfg struct {
@@ -186,11 +208,12 @@ type SockmeshSvcStats struct {
 }
 
 type SockmeshSvcValue struct {
-	_     structs.HostLayout
-	Id    uint32
-	Count uint16
-	Rev   uint8
-	Flags uint8
+	_        structs.HostLayout
+	Id       uint32
+	Count    uint16
+	Rev      uint8
+	Flags    uint8
+	Affinity uint32
 }
 
 // Names of all BPF objects in the ELF.
@@ -198,6 +221,7 @@ type SockmeshSvcValue struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	SockmeshMapAccelSocks         = "accel_socks"
+	SockmeshMapAffinity           = "affinity"
 	SockmeshMapConfig             = "config"
 	SockmeshMapLocalIps           = "local_ips"
 	SockmeshMapMeta               = "meta"
@@ -212,6 +236,7 @@ const (
 	SockmeshMapSockHash           = "sock_hash"
 	SockmeshMapStats              = "stats"
 	SockmeshMapSteerPending       = "steer_pending"
+	SockmeshMapSvcBackends        = "svc_backends"
 	SockmeshMapSvcCounters        = "svc_counters"
 	SockmeshProgShuntConnect4     = "shunt_connect4"
 	SockmeshProgShuntConnect6     = "shunt_connect6"
@@ -293,6 +318,7 @@ type SockmeshProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockmeshMapSpecs struct {
 	AccelSocks   *ebpf.MapSpec `ebpf:"accel_socks"`
+	Affinity     *ebpf.MapSpec `ebpf:"affinity"`
 	Config       *ebpf.MapSpec `ebpf:"config"`
 	LocalIps     *ebpf.MapSpec `ebpf:"local_ips"`
 	Meta         *ebpf.MapSpec `ebpf:"meta"`
@@ -307,6 +333,7 @@ type SockmeshMapSpecs struct {
 	SockHash     *ebpf.MapSpec `ebpf:"sock_hash"`
 	Stats        *ebpf.MapSpec `ebpf:"stats"`
 	SteerPending *ebpf.MapSpec `ebpf:"steer_pending"`
+	SvcBackends  *ebpf.MapSpec `ebpf:"svc_backends"`
 	SvcCounters  *ebpf.MapSpec `ebpf:"svc_counters"`
 }
 
@@ -344,6 +371,7 @@ func (o *SockmeshObjects) Close() error {
 // It can be passed to LoadSockmeshObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockmeshMaps struct {
 	AccelSocks   *ebpf.Map `ebpf:"accel_socks"`
+	Affinity     *ebpf.Map `ebpf:"affinity"`
 	Config       *ebpf.Map `ebpf:"config"`
 	LocalIps     *ebpf.Map `ebpf:"local_ips"`
 	Meta         *ebpf.Map `ebpf:"meta"`
@@ -358,12 +386,14 @@ type SockmeshMaps struct {
 	SockHash     *ebpf.Map `ebpf:"sock_hash"`
 	Stats        *ebpf.Map `ebpf:"stats"`
 	SteerPending *ebpf.Map `ebpf:"steer_pending"`
+	SvcBackends  *ebpf.Map `ebpf:"svc_backends"`
 	SvcCounters  *ebpf.Map `ebpf:"svc_counters"`
 }
 
 func (m *SockmeshMaps) Close() error {
 	return _SockmeshClose(
 		m.AccelSocks,
+		m.Affinity,
 		m.Config,
 		m.LocalIps,
 		m.Meta,
@@ -378,6 +408,7 @@ func (m *SockmeshMaps) Close() error {
 		m.SockHash,
 		m.Stats,
 		m.SteerPending,
+		m.SvcBackends,
 		m.SvcCounters,
 	)
 }

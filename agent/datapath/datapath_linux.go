@@ -104,6 +104,9 @@ func Spec(cfg Config) (*ebpf.CollectionSpec, error) {
 		bpf.SockmeshMapPodCounters: cfg.MaxPods + 1, // ids 1..MaxPods
 		bpf.SockmeshMapSockHash:    cfg.MaxSockets,
 		bpf.SockmeshMapOrigdst:     cfg.MaxSockets,
+		bpf.SockmeshMapAccelSocks:  cfg.MaxSockets,
+		bpf.SockmeshMapSvcBackends: cfg.MaxSlots, // distinct backends <= slots
+		bpf.SockmeshMapAffinity:    cfg.MaxRevNAT,
 	}
 	for name, n := range sizes {
 		ms, ok := spec.Maps[name]
@@ -357,6 +360,8 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 		bpf.SockmeshMapPodCounters:  o.PodCounters,
 		bpf.SockmeshMapAccelSocks:   o.AccelSocks,
 		bpf.SockmeshMapRedirState:   o.RedirState,
+		bpf.SockmeshMapAffinity:     o.Affinity,
+		bpf.SockmeshMapSvcBackends:  o.SvcBackends,
 	}
 }
 

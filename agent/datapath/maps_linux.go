@@ -25,13 +25,33 @@ type PodInfo = bpf.SockmeshPodInfo
 type Service struct {
 	Frontend Addr
 	Slots    []Addr
+	// Affinity is the client affinity timeout in seconds (0: none).
+	Affinity uint32
 }
 
 // LoadedService is a service read back from the maps.
 type LoadedService struct {
-	ID    uint32
-	Rev   uint8
-	Slots []Addr
+	ID       uint32
+	Rev      uint8
+	Slots    []Addr
+	Affinity uint32
+}
+
+func (ls *LoadedService) same(s *Service) bool {
+	return ls.Affinity == s.Affinity && slices.Equal(ls.Slots, s.Slots)
+}
+
+// members returns the distinct backends of slots.
+func members(slots []Addr) []Addr {
+	seen := make(map[Addr]bool, len(slots))
+	out := make([]Addr, 0, len(slots))
+	for _, a := range slots {
+		if !seen[a] {
+			seen[a] = true
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // ErrCapacity wraps every refusal caused by a full map.
@@ -48,7 +68,7 @@ func (d *Datapath) ReadServices() (map[Addr]LoadedService, error) {
 	var v bpf.SockmeshSvcValue
 	it := m.Iterate()
 	for it.Next(&k, &v) {
-		ls := LoadedService{ID: v.Id, Rev: v.Rev, Slots: make([]Addr, 0, v.Count)}
+		ls := LoadedService{ID: v.Id, Rev: v.Rev, Slots: make([]Addr, 0, v.Count), Affinity: v.Affinity}
 		for i := uint16(0); i < v.Count; i++ {
 			var be Addr
 			sk := bpf.SockmeshSlotKey{SvcId: v.Id, Rev: uint16(v.Rev), Slot: i}
@@ -56,6 +76,15 @@ func (d *Datapath) ReadServices() (map[Addr]LoadedService, error) {
 				return nil, fmt.Errorf("service %v slot %d: %w", k, i, err)
 			}
 			ls.Slots = append(ls.Slots, be)
+		}
+		if ls.Affinity != 0 {
+			for _, be := range members(ls.Slots) {
+				var one uint8
+				if err := d.objs.SvcBackends.Lookup(&bpf.SockmeshMemberKey{SvcId: v.Id, Backend: be}, &one); err != nil {
+					ls.Affinity = 0 // a member is missing: differs from any desired state, rewritten
+					break
+				}
+			}
 		}
 		out[k] = ls
 	}
@@ -178,7 +207,7 @@ func (d *Datapath) UpdateServices(upsert []Service, remove []Addr) (SyncResult, 
 		old, ok := loaded[s.Frontend]
 		if !ok {
 			count++
-		} else if slices.Equal(old.Slots, s.Slots) {
+		} else if old.same(&s) {
 			continue
 		}
 		peak = max(peak, used+len(s.Slots))
@@ -204,7 +233,7 @@ func (d *Datapath) UpdateServices(upsert []Service, remove []Addr) (SyncResult, 
 	}
 	for _, s := range upsert {
 		old, ok := loaded[s.Frontend]
-		if ok && slices.Equal(old.Slots, s.Slots) {
+		if ok && old.same(&s) {
 			res.IDs[s.Frontend] = old.ID
 			res.Unchanged++
 			continue
@@ -218,7 +247,7 @@ func (d *Datapath) UpdateServices(upsert []Service, remove []Addr) (SyncResult, 
 				return res, err
 			}
 		}
-		if err := d.writeService(s.Frontend, id, old, ok, s.Slots); err != nil {
+		if err := d.writeService(s.Frontend, id, old, ok, s); err != nil {
 			d.svcCache = nil
 			return res, err
 		}
@@ -226,7 +255,7 @@ func (d *Datapath) UpdateServices(upsert []Service, remove []Addr) (SyncResult, 
 		if ok {
 			rev = 1 - old.Rev
 		}
-		loaded[s.Frontend] = LoadedService{ID: id, Rev: rev, Slots: slices.Clone(s.Slots)}
+		loaded[s.Frontend] = LoadedService{ID: id, Rev: rev, Slots: slices.Clone(s.Slots), Affinity: s.Affinity}
 		st.ids[id] = true
 		st.slots += len(s.Slots) - len(old.Slots)
 		res.IDs[s.Frontend] = id
@@ -254,25 +283,50 @@ func (d *Datapath) allocID(st *svcState) (uint32, error) {
 	return 0, fmt.Errorf("%w: no free service id", ErrCapacity)
 }
 
-func (d *Datapath) writeService(front Addr, id uint32, old LoadedService, existed bool, slots []Addr) error {
+// writeService writes s's slots under the inactive revision (and, with
+// affinity, its members), switches the service to them, then deletes the old
+// revision's slots and the members that left.
+func (d *Datapath) writeService(front Addr, id uint32, old LoadedService, existed bool, s Service) error {
 	rev := uint8(0)
 	if existed {
 		rev = 1 - old.Rev
 	}
-	for i, be := range slots {
+	for i, be := range s.Slots {
 		sk := bpf.SockmeshSlotKey{SvcId: id, Rev: uint16(rev), Slot: uint16(i)}
 		if err := d.objs.Slots.Put(&sk, &be); err != nil {
 			return mapErr("slots", err)
 		}
 	}
-	v := bpf.SockmeshSvcValue{Id: id, Count: uint16(len(slots)), Rev: rev}
+	var keep map[Addr]bool
+	if s.Affinity != 0 {
+		ms := members(s.Slots)
+		keep = make(map[Addr]bool, len(ms))
+		for _, be := range ms {
+			keep[be] = true
+			if err := d.objs.SvcBackends.Put(&bpf.SockmeshMemberKey{SvcId: id, Backend: be}, uint8(1)); err != nil {
+				return mapErr("svc_backends", err)
+			}
+		}
+	}
+	v := bpf.SockmeshSvcValue{Id: id, Count: uint16(len(s.Slots)), Rev: rev, Affinity: s.Affinity}
 	if err := d.objs.Services.Put(&front, &v); err != nil {
 		return mapErr("services", err)
 	}
 	if existed {
 		d.deleteSlots(id, old.Rev, len(old.Slots))
+		d.deleteMembers(id, old.Slots, keep)
 	}
 	return nil
+}
+
+// deleteMembers deletes the members of service id among slots that keep
+// does not hold. Without affinity there are none; deleting is harmless.
+func (d *Datapath) deleteMembers(id uint32, slots []Addr, keep map[Addr]bool) {
+	for _, be := range members(slots) {
+		if !keep[be] {
+			d.objs.SvcBackends.Delete(&bpf.SockmeshMemberKey{SvcId: id, Backend: be})
+		}
+	}
 }
 
 func (d *Datapath) deleteService(front Addr, ls LoadedService) error {
@@ -280,6 +334,7 @@ func (d *Datapath) deleteService(front Addr, ls LoadedService) error {
 		return mapErr("services", err)
 	}
 	d.deleteSlots(ls.ID, ls.Rev, len(ls.Slots))
+	d.deleteMembers(ls.ID, ls.Slots, nil)
 	return nil
 }
 

@@ -33,6 +33,29 @@ struct svc_value {
 	__u16 count; /* backend slots in the active revision; 0 = no backend */
 	__u8 rev;    /* active revision of the slots (0 or 1) */
 	__u8 flags;  /* SVC_F_* */
+	__u32 affinity; /* client affinity timeout in seconds; 0 = none */
+};
+
+/* Session affinity (Kubernetes sessionAffinity: ClientIP). The socket LB
+ * identifies a client by its network namespace (a pod; the node's own
+ * namespace is one client), as it sees no source address at connect(). */
+struct affinity_key {
+	__u64 netns;
+	__u32 svc_id;
+	__u32 pad;
+};
+
+struct affinity_value {
+	struct shunt_addr backend;
+	__u32 pad;
+	__u64 last_ns; /* bpf_ktime_get_ns() of the last connection */
+};
+
+/* svc_backends: the distinct backends of each service with affinity, so an
+ * affinity entry is honoured only while its backend is still a member. */
+struct member_key {
+	__u32 svc_id;
+	struct shunt_addr backend;
 };
 
 /* Slots are written under the inactive revision first, then the service's
@@ -164,6 +187,8 @@ enum shunt_stat {
 	STAT_MSG_REDIRECT,      /* sk_msg redirected a send to the peer socket */
 	STAT_MSG_MISS,          /* sk_msg found no peer: normal stack */
 	STAT_MSG_BACKPRESSURE,  /* sk_msg sent through TCP: peer's queue full */
+	STAT_AFFINITY_HIT,      /* session affinity chose the backend */
+	STAT_AFFINITY_FAIL,     /* affinity entry could not be written */
 	STAT_MAX,
 };
 

@@ -422,3 +422,72 @@ func TestCleanupRemovesEverything(t *testing.T) {
 		t.Errorf("%d programs still attached to the test cgroup", progs)
 	}
 }
+
+// Session affinity (Kubernetes sessionAffinity: ClientIP): a client pod
+// keeps its backend while it connects within the timeout and the backend
+// stays in the service; other pods are clients of their own.
+func TestSocketLBSessionAffinity(t *testing.T) {
+	c := newCluster(t)
+	other := c.env.NewPod("client2")
+	a := newAgent(t, c.env, "")
+	vip := "10.96.0.30:80"
+	all := c.backendList(false)
+	update := func(backends string, extra ...string) {
+		a.ctl(append([]string{"service", "update", "--frontend", vip, "--backends", backends}, extra...)...)
+	}
+	only := func(p *harness.Pod, n int) string {
+		t.Helper()
+		r := connect(t, p, "--target", vip, "--count", fmt.Sprint(n))
+		if r.OK != n || len(r.Backends) != 1 {
+			t.Fatalf("%s: %d connections with affinity went to %v (ok %d, errors %v), want one backend", p.Name(), n, r.Backends, r.OK, r.Errors)
+		}
+		for id := range r.Backends {
+			return id
+		}
+		return ""
+	}
+
+	update(all, "--affinity-timeout", "10800")
+	first := only(c.client, 60)
+	only(other, 60)
+	// The backend leaves: the client moves to another one, and stays there.
+	var rest []string
+	for i, p := range c.backends {
+		if fmt.Sprintf("be%d", i) != first {
+			rest = append(rest, netip.AddrPortFrom(p.IPv4(), 8080).String())
+		}
+	}
+	update(strings.Join(rest, ","), "--affinity-timeout", "10800")
+	second := only(c.client, 60)
+	if second == first {
+		t.Fatalf("after %s left the service the client still reached it", first)
+	}
+	// It comes back: the client keeps the backend it has now.
+	update(all, "--affinity-timeout", "10800")
+	if got := only(c.client, 30); got != second {
+		t.Errorf("after %s came back the client moved from %s to %s; affinity should keep %s", first, second, got, second)
+	}
+	if v := a.metric(`shunt_datapath_events_total{event="affinity_hit"}`); v == "" || v == "0" {
+		t.Errorf("affinity_hit events = %q, want > 0", v)
+	}
+
+	// Without affinity the same client is balanced again.
+	update(all)
+	if r := connect(t, c.client, "--target", vip, "--count", "60"); r.OK != 60 || len(r.Backends) < 2 {
+		t.Errorf("affinity off: 60 connections went to %v (errors %v), want several backends", r.Backends, r.Errors)
+	}
+
+	// The timeout: after 1 s without a connection the client's next one is
+	// balanced anew (a fresh pick equals the old backend 1 time in 3, so a
+	// few rounds show it).
+	update(all, "--affinity-timeout", "1")
+	start := only(c.client, 10)
+	moved := false
+	for round := 0; round < 12 && !moved; round++ {
+		time.Sleep(1200 * time.Millisecond)
+		moved = only(c.client, 5) != start
+	}
+	if !moved {
+		t.Errorf("with a 1 s timeout the client stayed on %s for 12 rounds 1.2 s apart", start)
+	}
+}

@@ -26,6 +26,7 @@ commands:
                  [--protocol tcp|udp] [--weights W[,W...]] [--states active|terminating[,...]]
                  [--algorithm random|maglev] [--mode snat|dsr|hybrid] [--dispatch ipip|geneve|opt]
                  [--tunnels ADDR[,ADDR...]]   (maglev: balanced by the XDP load balancer too)
+                 [--affinity-timeout SECONDS] (client affinity: a pod keeps its backend)
   service delete --name N | --frontend VIP:PORT [--protocol tcp|udp]
   pod list [--json]
   pod update --name N --netns PATH [--socket-lb inherit|bypass|translate] [--sockmap auto|on|off]
@@ -249,13 +250,18 @@ func serviceUpdate(c *agent.Client, args []string, w io.Writer) error {
 	mode := fs.String("mode", "", "")
 	dispatch := fs.String("dispatch", "", "")
 	tunnels := fs.String("tunnels", "", "")
+	affinity := fs.Uint("affinity-timeout", 0, "")
 	if err := fs.Parse(args); err != nil {
 		return fmt.Errorf("service update: %w", err)
+	}
+	if *affinity > mesh.MaxAffinityTimeout {
+		return fmt.Errorf("service update: --affinity-timeout %d is above the maximum %d seconds", *affinity, mesh.MaxAffinityTimeout)
 	}
 	if *front == "" {
 		return errors.New("service update: --frontend is required")
 	}
-	sc := agent.ServiceConfig{Name: *name, Frontend: *front, Protocol: *proto, Algorithm: *algo, Mode: *mode, Dispatch: *dispatch}
+	sc := agent.ServiceConfig{Name: *name, Frontend: *front, Protocol: *proto, Algorithm: *algo, Mode: *mode, Dispatch: *dispatch,
+		AffinityTimeoutSeconds: uint32(*affinity)}
 	if sc.Name == "" {
 		sc.Name = defaultName(*front, *proto)
 	}
