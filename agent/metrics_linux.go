@@ -42,6 +42,7 @@ var PodStatNames = []string{
 	"msg_miss",
 	"msg_backpressure",
 	"msg_resume",
+	"bytes_tcp",
 }
 
 var _ = [1]int{}[len(PodStatNames)-int(bpf.SockmeshPodStatPOD_STAT_MAX)] // len(PodStatNames) == POD_STAT_MAX
@@ -81,7 +82,7 @@ func newMetrics(a *Agent) *metrics {
 			"(steer_outbound: app connection sent to its sidecar; steer_inbound: sidecar connection sent to a same-node pod's inbound listener; "+
 			"steer_skip: left alone (excluded, loopback); origdst_answer: SO_ORIGINAL_DST answered; sock_insert/sock_close: sockets put in / closed from the sockhash; "+
 			"sock_fallback: would accelerate but the self-test did not pass; msg_redirect/bytes_redirect: sends short-circuited to the peer socket; msg_miss: peer not accelerated, normal stack; "+
-			"msg_backpressure: send taken through TCP because the peer's queue was full or TCP bytes were still unread; msg_resume: redirects resumed once the TCP path drained).",
+			"msg_backpressure: send taken through TCP because the peer's queue was full or TCP bytes were still unread; msg_resume: redirects resumed once the TCP path drained; bytes_tcp: bytes of accelerated sockets' sends that took TCP).",
 			[]string{"namespace", "event"}, nil),
 		sockmapSockets: prometheus.NewDesc("shunt_sockmap_sockets", "Sockets of the namespace's pods in the sockhash (inserted minus closed).", []string{"namespace"}, nil),
 		selfTest:       prometheus.NewDesc("shunt_sockmap_selftest_passed", "1 when the sockmap self-test passed on this kernel (sockmap auto accelerates), 0 when it failed (auto accelerates nothing).", nil, nil),

@@ -987,11 +987,15 @@ static __always_inline long kread(__u32 *dst, __u64 addr, __u32 off)
 
 /* peer_full tells whether a send of size bytes must not be redirected to
  * the peer socket at address peer, because its ingress queue already holds
- * as much as its receive buffer: a redirected send never blocks, so without
- * this check a slow reader would let the sender queue without bound (no
- * back-pressure). Anything that cannot be read counts as full: TCP. */
+ * as much as its receive buffer (or the configured redirect_queue, when
+ * larger: the peer's rcvbuf does not grow on this path as TCP's autotuning
+ * would let it): a redirected send never blocks, so without this check a
+ * slow reader would let the sender queue without bound (no back-pressure).
+ * Anything that cannot be read counts as full: TCP. */
 static __always_inline int peer_full(__u64 peer, __u32 size)
 {
+	__u32 zero = 0;
+	struct shunt_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	__u64 ud = 0;
 	__u32 queued, rcvbuf;
 
@@ -1003,6 +1007,8 @@ static __always_inline int peer_full(__u64 peer, __u32 size)
 	if (!ud || kread(&queued, ud, bpf_core_field_offset(struct sk_psock___shunt, msg_tot_len)) ||
 	    kread(&rcvbuf, peer, bpf_core_field_offset(struct sock___shunt, sk_rcvbuf)))
 		return 1;
+	if (cfg && cfg->redirect_queue > rcvbuf)
+		rcvbuf = cfg->redirect_queue;
 	return queued > 0 && (__u64)queued + size > (__u64)rcvbuf;
 }
 
@@ -1114,13 +1120,17 @@ int shunt_sk_msg(struct sk_msg_md *msg)
 	st->tcp = 1;
 miss:
 	stat_inc(STAT_MSG_MISS);
-	if (pod)
+	if (pod) {
 		pod_stat_add(pod->id, POD_STAT_MSG_MISS, 1);
+		pod_stat_add(pod->id, POD_STAT_BYTES_TCP, size);
+	}
 	return SK_PASS;
 full:
 	stat_inc(STAT_MSG_BACKPRESSURE);
-	if (pod)
+	if (pod) {
 		pod_stat_add(pod->id, POD_STAT_MSG_BACKPRESSURE, 1);
+		pod_stat_add(pod->id, POD_STAT_BYTES_TCP, size);
+	}
 	return SK_PASS;
 }
 

@@ -79,12 +79,13 @@ const (
 	SockmeshPodStatPOD_STAT_MSG_MISS         SockmeshPodStat = 9
 	SockmeshPodStatPOD_STAT_MSG_BACKPRESSURE SockmeshPodStat = 10
 	SockmeshPodStatPOD_STAT_MSG_RESUME       SockmeshPodStat = 11
-	SockmeshPodStatPOD_STAT_MAX              SockmeshPodStat = 12
+	SockmeshPodStatPOD_STAT_BYTES_TCP        SockmeshPodStat = 12
+	SockmeshPodStatPOD_STAT_MAX              SockmeshPodStat = 13
 )
 
 type SockmeshPodStats struct {
 	_ structs.HostLayout
-	V [12]uint64
+	V [13]uint64
 }
 
 type SockmeshRedirState struct {
@@ -121,6 +122,8 @@ type SockmeshShuntConfig struct {
 	HostNetnsCookie uint64
 	HostNsOnly      uint32
 	Flags           uint32
+	RedirectQueue   uint32
+	Pad             uint32
 }
 
 type SockmeshShuntLayout uint32

@@ -396,7 +396,7 @@ func (d *Datapath) GlobalCounters() ([]uint64, error) {
 // SetConfig writes the agent-wide datapath settings. sockmapSafe tells the
 // programs that the sockmap self-test passed on this kernel.
 func (d *Datapath) SetConfig(hostNetNSCookie uint64, hostNSOnly, sockmapSafe bool) error {
-	c := bpf.SockmeshShuntConfig{HostNetnsCookie: hostNetNSCookie}
+	c := bpf.SockmeshShuntConfig{HostNetnsCookie: hostNetNSCookie, RedirectQueue: d.cfg.RedirectQueueBytes}
 	if hostNSOnly {
 		c.HostNsOnly = 1
 	}

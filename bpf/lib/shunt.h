@@ -155,6 +155,9 @@ struct shunt_config {
 	__u64 host_netns_cookie; /* the node's own network namespace */
 	__u32 host_ns_only;      /* 1: only host-netns sockets are translated */
 	__u32 flags;             /* enum config_flags */
+	__u32 redirect_queue;    /* bytes a peer's ingress queue may hold
+	                          * before sends take TCP (or its rcvbuf) */
+	__u32 pad;
 };
 
 enum config_flags {
@@ -216,6 +219,7 @@ enum pod_stat {
 	POD_STAT_MSG_MISS,           /* peer not in the sockhash: normal stack */
 	POD_STAT_MSG_BACKPRESSURE,   /* send taken by TCP: peer's queue full */
 	POD_STAT_MSG_RESUME,         /* redirects resumed: TCP path drained */
+	POD_STAT_BYTES_TCP,          /* bytes of sockhash sockets' sends that took TCP */
 	POD_STAT_MAX,
 };
 
