@@ -293,10 +293,12 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 		bpf.XdplbMapLbSvcStats: l.LbSvcStats,
 		bpf.XdplbMapLbBeStats:  l.LbBeStats,
 		bpf.XdplbMapLbStats:    l.LbStats,
+		bpf.XdplbMapLbFrags:    l.LbFrags,
 		bpf.DsrMapDsrServices:  s.DsrServices,
 		bpf.DsrMapDsrRevnat:    s.DsrRevnat,
 		bpf.DsrMapDsrMeta:      s.DsrMeta,
 		bpf.DsrMapDsrStats:     s.DsrStats,
+		bpf.DsrMapDsrFrags:     s.DsrFrags,
 	}
 }
 
