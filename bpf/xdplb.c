@@ -1123,8 +1123,9 @@ static __always_inline int icmp_nat(struct xdp_md *ctx, const struct pkt *p, con
 /* icmp_error sends an ICMP error about a VIP flow on to that flow's
  * backend, the way the flow's own packets go: IPIP (the backend side
  * translates it), or translated here and sent by Geneve or with the service
- * option (DSR), or translated back like a reply and bounced to the backend
- * (SNAT: the backend's socket is connected to the node address and port).
+ * option (DSR; with the option from the node address), or translated back
+ * like a reply and bounced to the backend (SNAT: the backend's socket is
+ * connected to the node address and port).
  * The quoted packet is a reply VIP -> client; the flow is its reverse.
  * esrc/edst are the quoted addresses, in the outer packet's family. */
 static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const __u32 *esrc, const __u32 *edst,
@@ -1136,7 +1137,7 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	struct xlb_service *svc;
 	struct xlb_flow flow = {};
 	struct xlb_ct *hit, ct = {};
-	__u32 vip[4];
+	__u32 vip[4], node[4] = {};
 
 	__builtin_memcpy(key.addr, esrc, 16);
 	key.port = esport;
@@ -1165,16 +1166,14 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 			return verdict(XLB_PASS_ICMP, XDP_PASS);
 		ct.action = action_for(svc, eproto);
 	}
+	if (p->flow.family == XLB_AF_INET6)
+		__builtin_memcpy(node, cfg->node6, 16);
+	else
+		node[0] = cfg->node4;
 	if (ct.action == XLB_ACT_SNAT) {
-		__u32 node[4] = {};
-
 		/* without its conntrack entry the flow's node port is unknown */
 		if (!hit || !ct.snat_port || !have_node_addr(cfg, p->flow.family))
 			return verdict(XLB_PASS_ICMP, XDP_PASS);
-		if (p->flow.family == XLB_AF_INET6)
-			__builtin_memcpy(node, cfg->node6, 16);
-		else
-			node[0] = cfg->node4;
 		svc_count(ct.svc_id, p->frame_len, 0);
 		be_count(ct.be_id, p->frame_len, 0);
 		if (icmp_nat(ctx, p, node, ct.be.addr, ct.be.addr, ct.be.port, node, ct.snat_port))
@@ -1183,15 +1182,25 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	}
 	svc_count(ct.svc_id, p->frame_len, 0);
 	be_count(ct.be_id, p->frame_len, 0);
-	if (ct.action == XLB_ACT_IPIP)
-		return encap_ipip(ctx, p, cfg, &ct.be, hash, XLB_TX_ICMP);
-	if (icmp_nat(ctx, p, 0, ct.be.addr, ct.be.addr, ct.be.port, 0, 0))
-		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
-	if (ct.action == XLB_ACT_GENEVE)
+	switch (ct.action) {
+	case XLB_ACT_GENEVE:
+		if (icmp_nat(ctx, p, 0, ct.be.addr, ct.be.addr, ct.be.port, 0, 0))
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
 		return encap_geneve(ctx, p, cfg, &ct.be, hash, vip, esport, XLB_TX_ICMP);
-	if (p->flow.family == XLB_AF_INET6)
-		return insert_opt6(ctx, p, vip, esport, XLB_TX_ICMP);
-	return insert_opt4(ctx, p, vip, esport, XLB_TX_ICMP);
+	case XLB_ACT_OPT:
+		/* Routed as it is, back through the router that sent it,
+		 * which would drop a packet from its own address: it leaves
+		 * from the node address. */
+		if (!have_node_addr(cfg, p->flow.family))
+			return verdict(XLB_DROP_NO_NODE_ADDR, XDP_DROP);
+		if (icmp_nat(ctx, p, node, ct.be.addr, ct.be.addr, ct.be.port, 0, 0))
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		if (p->flow.family == XLB_AF_INET6)
+			return insert_opt6(ctx, p, vip, esport, XLB_TX_ICMP);
+		return insert_opt4(ctx, p, vip, esport, XLB_TX_ICMP);
+	default:
+		return encap_ipip(ctx, p, cfg, &ct.be, hash, XLB_TX_ICMP);
+	}
 }
 
 /* LB_CONTINUE: parsed a TCP/UDP packet, go on with lb_l4; LB_FRAG: parsed

@@ -311,7 +311,8 @@ func fixtures(t testing.TB, m *model) []fixture {
 
 	// ... the way the flow's own packets go: Geneve or the service option,
 	// translated here so the backend's socket gets it as is (outer
-	// destination and quoted source become the backend's; checksums of the
+	// destination and quoted source become the backend's, with the option
+	// the outer source the node address; checksums of the
 	// outer header, ICMP, quoted header and, when quoted, quoted TCP
 	// header follow). Expected: the error a router would send the backend
 	// about the reply the backend itself sent, from gopacket.
@@ -327,7 +328,8 @@ func fixtures(t testing.TB, m *model) []fixture {
 			in := icmpErr(t, router, p.dst.Addr(), replyOf(p.dst, p.src, false), quote, 0)
 			nat := swapped(icmpErr(t, router, be.Addr.Addr(), replyOf(be.Addr, p.src, false), quote, 0))
 			out, how := geneveOf(nat, 0, p.dst, be, 0, b.hash(p)), "Geneve"
-			if i >= 2 {
+			if i >= 2 { // routed back through the router: from the node address
+				nat = swapped(icmpErr(t, nodeFor(router), be.Addr.Addr(), replyOf(be.Addr, p.src, false), quote, 0))
 				out, how = optInsert(nat, 0, p.dst), "the service option"
 			}
 			add(fixture{name: fmt.Sprintf("ICMP error about %s -> %s (quote %d): translated, by %s", p.src, p.dst, quote, how),
