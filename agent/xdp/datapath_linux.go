@@ -284,6 +284,7 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 	l, s := &d.lb.XdplbMaps, &d.dsr.DsrMaps
 	return map[string]*ebpf.Map{
 		bpf.XdplbMapLbServices: l.LbServices,
+		bpf.XdplbMapLbSvcGen:   l.LbSvcGen,
 		bpf.XdplbMapLbTables:   l.LbTables,
 		bpf.XdplbMapLbBackends: l.LbBackends,
 		bpf.XdplbMapLbCt:       l.LbCt,
@@ -443,7 +444,7 @@ func (d *Datapath) attach(a attachment) error {
 			d.links[a.name] = l
 			return nil
 		}
-		d.log.Warn("re-attaching program: pinned link points to another interface", "link", path)
+		d.log.Warn("re-attaching program: pinned link is detached or points to another interface", "link", path)
 		l.Unpin()
 		l.Close()
 	} else if !errors.Is(err, os.ErrNotExist) {

@@ -489,8 +489,14 @@ func (c *lbCluster) waitFlows(n uint64) {
 	c.t.Fatalf("load balancer saw %d new flows, want %d", c.lbCounters()["ct_new"], n)
 }
 
-// tableOwner is the backend (by Maglev key) the current table gives a flow.
+// tableOwner is the backend (by Maglev key) the current table gives a TCP
+// flow.
 func tableOwner(t *testing.T, s xdp.Service, src, dst netip.AddrPort) string {
+	return tableOwnerProto(t, s, src, dst, 6)
+}
+
+// tableOwnerProto is tableOwner for a flow of IP protocol proto.
+func tableOwnerProto(t *testing.T, s xdp.Service, src, dst netip.AddrPort, proto uint8) string {
 	seed, _ := maglev.ParseSeed(e2eSeed)
 	var mb []maglev.Backend
 	for _, b := range s.Backends {
@@ -500,7 +506,7 @@ func tableOwner(t *testing.T, s xdp.Service, src, dst netip.AddrPort) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, ok := tab.LookupBackend(maglev.FlowHash(maglev.NewTuple(src, dst, 6), seed.DatapathSeed()))
+	b, ok := tab.LookupBackend(maglev.FlowHash(maglev.NewTuple(src, dst, proto), seed.DatapathSeed()))
 	if !ok {
 		return ""
 	}
