@@ -149,15 +149,18 @@ type XDPServiceStatus struct {
 
 // XDPStatus is what `shuntctl lb status` shows.
 type XDPStatus struct {
-	Enabled     bool               `json:"enabled"`
-	Devices     []string           `json:"devices"`
-	DSRDevices  []string           `json:"dsrDevices"`
-	Generic     []string           `json:"generic,omitempty"`
-	TableSize   uint32             `json:"tableSize"`
-	Links       []xdp.LinkInfo     `json:"links"`
-	Services    []XDPServiceStatus `json:"services"`
-	Counters    map[string]uint64  `json:"counters"`
-	DSRCounters map[string]uint64  `json:"dsrCounters"`
+	Enabled    bool           `json:"enabled"`
+	Devices    []string       `json:"devices"`
+	DSRDevices []string       `json:"dsrDevices"`
+	Generic    []string       `json:"generic,omitempty"`
+	TableSize  uint32         `json:"tableSize"`
+	Links      []xdp.LinkInfo `json:"links"`
+	// LinkProblems are configured devices without their program (what
+	// /healthz reports); the periodic resync attaches them again.
+	LinkProblems []xdp.LinkProblem  `json:"linkProblems,omitempty"`
+	Services     []XDPServiceStatus `json:"services"`
+	Counters     map[string]uint64  `json:"counters"`
+	DSRCounters  map[string]uint64  `json:"dsrCounters"`
 }
 
 // XDPStatus reports the load balancer's links, tables and counters.
@@ -174,6 +177,11 @@ func (a *Agent) XDPStatus() (XDPStatus, error) {
 		return st, nil
 	}
 	st.Generic, st.TableSize, st.Links = x.dp.Generic, x.dp.Params().TableSize, x.dp.Links()
+	problems, err := x.dp.LinkProblems()
+	if err != nil {
+		problems = append(problems, xdp.LinkProblem{Name: "devices", Reason: err.Error()})
+	}
+	st.LinkProblems = problems
 	sc, err := x.dp.ServiceCounters()
 	if err != nil {
 		return st, err

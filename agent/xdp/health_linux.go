@@ -101,13 +101,18 @@ func linkReason(l link.Link, a attachment, want int) string {
 	return ""
 }
 
+// LinkProblems lists the configured attachments that are not in place.
+func (d *Datapath) LinkProblems() ([]LinkProblem, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.linkProblems()
+}
+
 // CheckLinks reports whether every configured device runs its program
 // (xdplb on Devices, dsr ingress and egress on DSRDevices) through the
 // agent's pinned link; the error names each device that does not and why.
 func (d *Datapath) CheckLinks() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	ps, err := d.linkProblems()
+	ps, err := d.LinkProblems()
 	if err != nil {
 		return err
 	}

@@ -371,6 +371,9 @@ func TestAgentHealthXDPLinks(t *testing.T) {
 			if code != http.StatusServiceUnavailable || !strings.Contains(body, c.link+" on eth0") {
 				t.Errorf("healthz %d %q, want 503 naming %s", code, body, c.link)
 			}
+			if st, err := n.a.XDPStatus(); err != nil || len(st.LinkProblems) != 1 || st.LinkProblems[0].Name != c.link {
+				t.Errorf("lb status: link problems %+v (%v), want %s", st.LinkProblems, err, c.link)
+			}
 			if err := n.a.Resync(); err != nil {
 				t.Fatal(err)
 			}
@@ -379,6 +382,9 @@ func TestAgentHealthXDPLinks(t *testing.T) {
 			}
 			if code, body := healthz(t, n.a); code != http.StatusOK {
 				t.Errorf("after resync: healthz %d %q", code, body)
+			}
+			if st, err := n.a.XDPStatus(); err != nil || len(st.LinkProblems) != 0 {
+				t.Errorf("after resync: link problems %+v (%v)", st.LinkProblems, err)
 			}
 			after, dev := linkOn(c.link)
 			if dev != ifindex {
