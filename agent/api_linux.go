@@ -90,7 +90,10 @@ func (a *Agent) Handler(reg *prometheus.Registry) http.Handler {
 	return mux
 }
 
-// Healthy reports whether every program is still attached through its link.
+// Healthy reports whether every program is still attached through its link:
+// the socket datapath's, and the XDP load balancer's on each configured
+// device (xdp_linux.go). The error says what is missing; /healthz (the
+// liveness and readiness probe) answers 503 with it.
 func (a *Agent) Healthy() error {
 	links := a.dp.Links()
 	if len(links) == 0 {
@@ -101,7 +104,7 @@ func (a *Agent) Healthy() error {
 			return fmt.Errorf("link %s: %w", l.Program, err)
 		}
 	}
-	return nil
+	return a.xdpHealthy()
 }
 
 func decode(r *http.Request, v any) error {

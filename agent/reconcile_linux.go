@@ -470,7 +470,7 @@ func (a *Agent) applyDelta(src string, in Delta) (Delta, error) {
 	// maglev (agent/xdp_linux.go). The socket datapath has the change
 	// already; a failure here is returned and retried by the next resync.
 	if len(d.Services)+len(d.DeleteServices) > 0 && a.cfg.XDP.Enabled() {
-		if err := a.syncXDP(ds.state()); err != nil {
+		if err := a.syncXDP(ds.state(), false); err != nil {
 			return d, &partialError{err}
 		}
 	}
@@ -551,7 +551,7 @@ func (a *Agent) resyncLocked() error {
 		err = a.dp.SetConfig(a.hostCookie, a.cfg.SocketLB.HostNamespaceOnly, a.sockmapSafe())
 	}
 	if err == nil {
-		err = a.syncXDP(ds.state())
+		err = a.syncXDP(ds.state(), true)
 	}
 	a.metrics.reconcile(err)
 	if err != nil {

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"errors"
 	"fmt"
 	"maps"
 	"net/http"
@@ -48,10 +49,25 @@ func XDPServices(st *mesh.State) []xdp.Service {
 }
 
 // syncXDP reconciles the load balancer's maps to st, loading (or adopting)
-// the XDP datapath on first use. Called with a.mu held.
-func (a *Agent) syncXDP(st *mesh.State) error {
+// the XDP datapath on first use. With repair (the periodic resync), it first
+// reads the maps back, so whatever was changed behind the agent's back is
+// rewritten, and re-attaches programs whose links were lost. Called with
+// a.mu held.
+func (a *Agent) syncXDP(st *mesh.State, repair bool) error {
 	if !a.cfg.XDP.Enabled() {
 		return nil
+	}
+	if a.xdp != nil && repair {
+		fixed, err := a.xdp.dp.RepairLinks()
+		for _, p := range fixed {
+			a.log.Warn("xdp: program attached again", "link", p.Name, "device", p.Device, "was", p.Reason)
+		}
+		if err != nil {
+			return fmt.Errorf("xdp: %w", err)
+		}
+		if err := a.xdp.dp.Refresh(); err != nil {
+			return fmt.Errorf("xdp: %w", err)
+		}
 	}
 	if a.xdp == nil {
 		dp, err := xdp.Open(a.cfg.XDP, a.cfg.Datapath.Root, a.log)
@@ -75,7 +91,27 @@ func (a *Agent) syncXDP(st *mesh.State) error {
 	}
 	a.xdp.names, a.xdp.fps = names, res.Fingerprints
 	if res.Added+res.Updated+res.Deleted > 0 {
-		a.log.Info("xdp reconciled", "added", res.Added, "updated", res.Updated, "deleted", res.Deleted, "unchanged", res.Unchanged)
+		msg := "xdp reconciled"
+		if repair {
+			msg = "xdp resync repaired drift"
+		}
+		a.log.Info(msg, "added", res.Added, "updated", res.Updated, "deleted", res.Deleted, "unchanged", res.Unchanged)
+	}
+	return nil
+}
+
+// xdpHealthy reports whether the load balancer is loaded (when configured)
+// and every configured device runs its program through its link.
+func (a *Agent) xdpHealthy() error {
+	if !a.cfg.XDP.Enabled() {
+		return nil
+	}
+	dp := a.XDP()
+	if dp == nil {
+		return errors.New("xdp: load balancer not loaded (see the agent's log)")
+	}
+	if err := dp.CheckLinks(); err != nil {
+		return fmt.Errorf("xdp: %w", err)
 	}
 	return nil
 }
@@ -113,15 +149,18 @@ type XDPServiceStatus struct {
 
 // XDPStatus is what `shuntctl lb status` shows.
 type XDPStatus struct {
-	Enabled     bool               `json:"enabled"`
-	Devices     []string           `json:"devices"`
-	DSRDevices  []string           `json:"dsrDevices"`
-	Generic     []string           `json:"generic,omitempty"`
-	TableSize   uint32             `json:"tableSize"`
-	Links       []xdp.LinkInfo     `json:"links"`
-	Services    []XDPServiceStatus `json:"services"`
-	Counters    map[string]uint64  `json:"counters"`
-	DSRCounters map[string]uint64  `json:"dsrCounters"`
+	Enabled    bool           `json:"enabled"`
+	Devices    []string       `json:"devices"`
+	DSRDevices []string       `json:"dsrDevices"`
+	Generic    []string       `json:"generic,omitempty"`
+	TableSize  uint32         `json:"tableSize"`
+	Links      []xdp.LinkInfo `json:"links"`
+	// LinkProblems are configured devices without their program (what
+	// /healthz reports); the periodic resync attaches them again.
+	LinkProblems []xdp.LinkProblem  `json:"linkProblems,omitempty"`
+	Services     []XDPServiceStatus `json:"services"`
+	Counters     map[string]uint64  `json:"counters"`
+	DSRCounters  map[string]uint64  `json:"dsrCounters"`
 }
 
 // XDPStatus reports the load balancer's links, tables and counters.
@@ -138,6 +177,11 @@ func (a *Agent) XDPStatus() (XDPStatus, error) {
 		return st, nil
 	}
 	st.Generic, st.TableSize, st.Links = x.dp.Generic, x.dp.Params().TableSize, x.dp.Links()
+	problems, err := x.dp.LinkProblems()
+	if err != nil {
+		problems = append(problems, xdp.LinkProblem{Name: "devices", Reason: err.Error()})
+	}
+	st.LinkProblems = problems
 	sc, err := x.dp.ServiceCounters()
 	if err != nil {
 		return st, err

@@ -21,10 +21,18 @@
  *     IPIP: decapsulated and translated so the backend's socket learns the
  *     path MTU (embedded source and outer destination VIP -> backend).
  *
+ *   - An ICMP error the LB sent on by Geneve or with the service option
+ *     (already translated there): decapsulated / option removed.
+ *
  * In every case the service (VIP, port) is remembered in dsr_revnat, keyed by
  * the reply's 5-tuple. dsr_egress rewrites the source of those replies back
  * to VIP:port, so they go straight to the client, which sees the address it
- * connected to. Anything else passes untouched.
+ * connected to. A reply larger than the MTU (UDP) leaves in fragments, and
+ * only the first carries the ports: its rewrite is recorded in dsr_frags
+ * under (backend, client, IP identification, protocol) and applied to the
+ * later fragments of the datagram, which Linux sends after the first
+ * (ip_do_fragment / ip6_fragment emit them in order). Anything else passes
+ * untouched.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -78,12 +86,23 @@ struct {
 	__uint(max_entries, 1);
 } dsr_meta SEC(".maps");
 
+/* Fragmented replies: the first fragment's new source, for the later
+ * fragments of the datagram (deleted with the last one). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct xlb_frag_key);
+	__type(value, struct xlb_frag);
+	__uint(max_entries, 16384);
+} dsr_frags SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
 	__type(value, __u64);
-	__uint(max_entries, DSR_STAT_MAX);
+	__uint(max_entries, XLB_STAT_SLOTS);
 } dsr_stats SEC(".maps");
+
+_Static_assert((int)DSR_STAT_MAX <= (int)XLB_STAT_SLOTS, "dsr_stats has room for every counter");
 
 const enum dsr_stat __unused_dsr_stat __attribute__((unused));
 const enum xlb_layout __unused_xlb_layout __attribute__((unused));
@@ -152,9 +171,18 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct inn
 	return 0;
 }
 
-/* parse_ip reads the IP header of family at off (IPv4 without options, not
- * a fragment; IPv6 without extension headers) and the ports after it. */
-static __always_inline int parse_ip(struct __sk_buff *skb, __u32 off, __u8 family, struct inner *in)
+struct frag6hdr {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off; /* offset (8-byte units) << 3 | M */
+	__be32 id;
+};
+
+/* parse_ip reads the IP header of family at off (IPv4 without options;
+ * IPv6 without extension headers) and the ports after it. A fragment is
+ * refused, unless first_frag is set and it is the first fragment (offset
+ * 0; IPv6: a fragment header right after the IPv6 header). */
+static __always_inline int parse_ip(struct __sk_buff *skb, __u32 off, __u8 family, struct inner *in, int first_frag)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
@@ -166,7 +194,7 @@ static __always_inline int parse_ip(struct __sk_buff *skb, __u32 off, __u8 famil
 		struct iphdr *ip = data + off;
 
 		if ((void *)(ip + 1) > end || ip->version != 4 || ip->ihl != 5 ||
-		    (ip->frag_off & bpf_htons(IP_MF_ | IP_OFFSET_)))
+		    (ip->frag_off & bpf_htons(first_frag ? IP_OFFSET_ : IP_MF_ | IP_OFFSET_)))
 			return -1;
 		in->proto = ip->protocol;
 		in->src[0] = ip->saddr;
@@ -174,12 +202,19 @@ static __always_inline int parse_ip(struct __sk_buff *skb, __u32 off, __u8 famil
 		return parse_l4(skb, off + sizeof(*ip), in);
 	} else {
 		struct ipv6hdr *ip6 = data + off;
+		struct frag6hdr *fh = (void *)(ip6 + 1);
 
 		if ((void *)(ip6 + 1) > end || ip6->version != 6)
 			return -1;
 		in->proto = ip6->nexthdr;
 		__builtin_memcpy(in->src, &ip6->saddr, 16);
 		__builtin_memcpy(in->dst, &ip6->daddr, 16);
+		if (first_frag && ip6->nexthdr == 44) {
+			if ((void *)(fh + 1) > end || (fh->frag_off & bpf_htons(0xfff8)))
+				return -1;
+			in->proto = fh->nexthdr;
+			return parse_l4(skb, off + sizeof(*ip6) + sizeof(*fh), in);
+		}
 		return parse_l4(skb, off + sizeof(*ip6), in);
 	}
 }
@@ -267,11 +302,29 @@ static __always_inline int decap(struct __sk_buff *skb, __u32 len, __u8 inner_fa
 	return set_eth_proto(skb, inner_family);
 }
 
+/* quoted_l4_csum updates the UDP/TCP checksum of the packet quoted in an
+ * ICMP error (L4 header at l4_off, the ICMP checksum at csum_off) for the
+ * change diff of its addresses and ports, when the quote reaches it. */
+static __always_inline int quoted_l4_csum(struct __sk_buff *skb, __u32 l4_off, __u8 proto, __u32 csum_off, __u32 diff)
+{
+	__u32 off = l4_off + l4_check_off(proto);
+	__u16 old, nc;
+
+	if (bpf_skb_load_bytes(skb, off, &old, sizeof(old)) || !old)
+		return 0; /* not quoted, or a UDP datagram without checksum */
+	nc = csum_apply(old, diff);
+	if (proto == IPPROTO_UDP && !nc)
+		nc = 0xffff;
+	if (bpf_l4_csum_replace(skb, csum_off, old, nc, 2) || bpf_skb_store_bytes(skb, off, &nc, sizeof(nc), 0))
+		return -1;
+	return 0;
+}
+
 /* icmp_ptb translates an ICMP error about a DSR flow, just decapsulated, so
  * that the local socket (backend address and port) receives it. The
  * embedded packet is a reply: its source is the VIP. */
 static __always_inline int icmp_ptb(struct __sk_buff *skb, __u8 family, const struct dsr_local *loc,
-				    const __u32 *vip, __u16 vport)
+				    const __u32 *vip, __u16 vport, __u8 eproto)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
@@ -305,7 +358,8 @@ static __always_inline int icmp_ptb(struct __sk_buff *skb, __u8 family, const st
 		    bpf_skb_store_bytes(skb, emb_off + offsetof(struct iphdr, check), &new_ecsum, 2, 0) ||
 		    bpf_skb_store_bytes(skb, emb_off + sizeof(struct iphdr), &loc->port, 2, 0))
 			return -1;
-		return 0;
+		return quoted_l4_csum(skb, emb_off + sizeof(struct iphdr), eproto, csum_off,
+				      csum_diff2(csum_diff4(0, vip[0], loc->addr[0]), vport, loc->port));
 	} else {
 		__s64 diff = bpf_csum_diff((__be32 *)vip, 16, (__be32 *)loc->addr, 16, 0);
 
@@ -324,7 +378,8 @@ static __always_inline int icmp_ptb(struct __sk_buff *skb, __u8 family, const st
 		    bpf_skb_store_bytes(skb, emb_off + offsetof(struct ipv6hdr, saddr), loc->addr, 16, 0) ||
 		    bpf_skb_store_bytes(skb, emb_off + sizeof(struct ipv6hdr), &loc->port, 2, 0))
 			return -1;
-		return 0;
+		return quoted_l4_csum(skb, emb_off + sizeof(struct ipv6hdr), eproto, csum_off,
+				      csum_diff2(csum_add(0, (__u32)diff), vport, loc->port));
 	}
 }
 
@@ -357,7 +412,7 @@ static __always_inline int tunnel(struct __sk_buff *skb, __u32 olen, const __u32
 
 			if (ic->type != ICMP_DEST_UNREACH_ || ic->code != ICMP_FRAG_NEEDED_)
 				goto nosvc;
-			if (parse_ip(skb, ioff + sizeof(*ip) + sizeof(*ic), XLB_AF_INET, &emb))
+			if (parse_ip(skb, ioff + sizeof(*ip) + sizeof(*ic), XLB_AF_INET, &emb, 0))
 				goto malformed;
 			k.vip.addr[0] = emb.src[0];
 			k.vip.port = emb.sport;
@@ -365,7 +420,7 @@ static __always_inline int tunnel(struct __sk_buff *skb, __u32 olen, const __u32
 			loc = bpf_map_lookup_elem(&dsr_services, &k);
 			if (!loc)
 				goto nosvc;
-			if (decap(skb, olen, ifam) || icmp_ptb(skb, ifam, loc, emb.src, emb.sport))
+			if (decap(skb, olen, ifam) || icmp_ptb(skb, ifam, loc, emb.src, emb.sport, emb.proto))
 				goto error;
 			stat_inc(DSR_IN_ICMP);
 			return TC_ACT_OK;
@@ -381,7 +436,7 @@ static __always_inline int tunnel(struct __sk_buff *skb, __u32 olen, const __u32
 
 			if (ic->icmp6_type != ICMPV6_PKT_TOOBIG)
 				goto nosvc;
-			if (parse_ip(skb, ioff + sizeof(*ip6) + sizeof(*ic), XLB_AF_INET6, &emb))
+			if (parse_ip(skb, ioff + sizeof(*ip6) + sizeof(*ic), XLB_AF_INET6, &emb, 0))
 				goto malformed;
 			__builtin_memcpy(k.vip.addr, emb.src, 16);
 			k.vip.port = emb.sport;
@@ -389,14 +444,14 @@ static __always_inline int tunnel(struct __sk_buff *skb, __u32 olen, const __u32
 			loc = bpf_map_lookup_elem(&dsr_services, &k);
 			if (!loc)
 				goto nosvc;
-			if (decap(skb, olen, ifam) || icmp_ptb(skb, ifam, loc, emb.src, emb.sport))
+			if (decap(skb, olen, ifam) || icmp_ptb(skb, ifam, loc, emb.src, emb.sport, emb.proto))
 				goto error;
 			stat_inc(DSR_IN_ICMP);
 			return TC_ACT_OK;
 		}
 	}
 l4:
-	if (parse_ip(skb, ioff, ifam, &in))
+	if (parse_ip(skb, ioff, ifam, &in, 0))
 		goto malformed;
 	__builtin_memcpy(k.vip.addr, in.dst, 16);
 	k.vip.port = in.dport;
@@ -426,6 +481,28 @@ malformed:
 error:
 	stat_inc(DSR_IN_ERROR);
 	return TC_ACT_SHOT;
+}
+
+/* inner_icmp reports whether the IP packet at off (family fam) is an ICMP
+ * frag-needed / ICMPv6 packet-too-big. */
+static __always_inline int inner_icmp(struct __sk_buff *skb, __u32 off, __u8 fam)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	off &= 0x3ff;
+	if (fam == XLB_AF_INET) {
+		struct iphdr *ip = data + off;
+		struct icmphdr_ *ic = (void *)(ip + 1);
+
+		return (void *)(ic + 1) <= end && ip->ihl == 5 && ip->protocol == IPPROTO_ICMP &&
+		       ic->type == ICMP_DEST_UNREACH_ && ic->code == ICMP_FRAG_NEEDED_;
+	} else {
+		struct ipv6hdr *ip6 = data + off;
+		struct icmp6hdr *ic = (void *)(ip6 + 1);
+
+		return (void *)(ic + 1) <= end && ip6->nexthdr == IPPROTO_ICMPV6 && ic->icmp6_type == ICMPV6_PKT_TOOBIG;
+	}
 }
 
 /* geneve handles a Geneve packet whose UDP header is at uoff; the outer IP
@@ -495,7 +572,14 @@ static __always_inline int geneve(struct __sk_buff *skb, __u32 olen)
 	if (!found)
 		goto nosvc;
 	ioff = goff + glen;
-	if (parse_ip(skb, ioff, ifam, &in))
+	/* An ICMP error the LB translated already: only the outer headers go. */
+	if (inner_icmp(skb, ioff, ifam)) {
+		if (decap(skb, olen + sizeof(struct udphdr) + glen, ifam))
+			goto error;
+		stat_inc(DSR_IN_ICMP);
+		return TC_ACT_OK;
+	}
+	if (parse_ip(skb, ioff, ifam, &in, 0))
 		goto malformed;
 	remember(in.dst, in.dport, in.src, in.sport, in.proto, ifam, vip, vport);
 	if (decap(skb, olen + sizeof(struct udphdr) + glen, ifam))
@@ -532,7 +616,7 @@ static __always_inline int opt4(struct __sk_buff *skb)
 	if (bpf_skb_load_bytes(skb, ETH_HLEN_, &h, sizeof(h)))
 		goto malformed;
 	if (h.len != XLB_IPOPT_LEN || (h.ip.frag_off & bpf_htons(IP_MF_ | IP_OFFSET_)) ||
-	    (h.ip.protocol != IPPROTO_TCP && h.ip.protocol != IPPROTO_UDP))
+	    (h.ip.protocol != IPPROTO_TCP && h.ip.protocol != IPPROTO_UDP && h.ip.protocol != IPPROTO_ICMP))
 		goto malformed;
 	data = (void *)(long)skb->data;
 	end = (void *)(long)skb->data_end;
@@ -542,7 +626,9 @@ static __always_inline int opt4(struct __sk_buff *skb)
 	vip[0] = h.addr;
 	in.src[0] = h.ip.saddr;
 	in.dst[0] = h.ip.daddr;
-	remember(in.dst, ports[1], in.src, ports[0], h.ip.protocol, XLB_AF_INET, vip, h.port);
+	/* An ICMP error the LB translated already: only the option goes. */
+	if (h.ip.protocol != IPPROTO_ICMP)
+		remember(in.dst, ports[1], in.src, ports[0], h.ip.protocol, XLB_AF_INET, vip, h.port);
 	if (bpf_skb_adjust_room(skb, -XLB_IPOPT_LEN, BPF_ADJ_ROOM_NET, 0))
 		goto error;
 	h.ip.ihl = 5;
@@ -551,7 +637,7 @@ static __always_inline int opt4(struct __sk_buff *skb)
 	h.ip.check = ip4_csum20((__u16 *)&h.ip);
 	if (bpf_skb_store_bytes(skb, ETH_HLEN_, &h.ip, sizeof(h.ip), 0))
 		goto error;
-	stat_inc(DSR_IN_OPT);
+	stat_inc(h.ip.protocol == IPPROTO_ICMP ? DSR_IN_ICMP : DSR_IN_OPT);
 	return TC_ACT_OK;
 malformed:
 	stat_inc(DSR_IN_MALFORMED);
@@ -580,19 +666,21 @@ static __always_inline int opt6(struct __sk_buff *skb)
 		goto malformed;
 	if (h.hdrlen != XLB_IP6OPT_HDRLEN / 8 - 1 || h.type != XLB_IP6OPT_TYPE || h.len != 18)
 		goto nosvc;
-	if (h.nexthdr != IPPROTO_TCP && h.nexthdr != IPPROTO_UDP)
+	if (h.nexthdr != IPPROTO_TCP && h.nexthdr != IPPROTO_UDP && h.nexthdr != IPPROTO_ICMPV6)
 		goto malformed;
 	__builtin_memcpy(src, &h.ip.saddr, 16);
 	__builtin_memcpy(dst, &h.ip.daddr, 16);
 	__builtin_memcpy(vip, h.addr, 16);
-	remember(dst, h.dport, src, h.sport, h.nexthdr, XLB_AF_INET6, vip, h.port);
+	/* An ICMPv6 error the LB translated already: only the option goes. */
+	if (h.nexthdr != IPPROTO_ICMPV6)
+		remember(dst, h.dport, src, h.sport, h.nexthdr, XLB_AF_INET6, vip, h.port);
 	if (bpf_skb_adjust_room(skb, -XLB_IP6OPT_HDRLEN, BPF_ADJ_ROOM_NET, 0))
 		goto error;
 	h.ip.nexthdr = h.nexthdr;
 	h.ip.payload_len = bpf_htons(bpf_ntohs(h.ip.payload_len) - XLB_IP6OPT_HDRLEN);
 	if (bpf_skb_store_bytes(skb, ETH_HLEN_, &h.ip, sizeof(h.ip), 0))
 		goto error;
-	stat_inc(DSR_IN_OPT);
+	stat_inc(h.nexthdr == IPPROTO_ICMPV6 ? DSR_IN_ICMP : DSR_IN_OPT);
 	return TC_ACT_OK;
 nosvc:
 	stat_inc(DSR_IN_NO_SERVICE);
@@ -663,14 +751,87 @@ int dsr_ingress(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
-/* dsr_egress rewrites the source of replies of DSR flows to VIP:port. */
+/* frag_of tells whether the packet leaving (IP header at ETH_HLEN_) is a
+ * fragment (enum frag_kind) and fills the key of its datagram. */
+enum frag_kind {
+	FRAG_NONE = 0,
+	FRAG_FIRST = 1, /* offset 0: carries the L4 header */
+	FRAG_LATER = 2, /* offset > 0 */
+};
+
+static __always_inline int frag_of(struct __sk_buff *skb, __u8 fam, struct xlb_frag_key *fk, __u8 *more)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u16 off;
+
+	fk->family = fam;
+	if (fam == XLB_AF_INET) {
+		struct iphdr *ip = data + ETH_HLEN_;
+
+		if ((void *)(ip + 1) > end || ip->version != 4 || !(ip->frag_off & bpf_htons(IP_MF_ | IP_OFFSET_)))
+			return FRAG_NONE;
+		fk->src[0] = ip->saddr;
+		fk->dst[0] = ip->daddr;
+		fk->id = ip->id;
+		fk->proto = ip->protocol;
+		*more = (ip->frag_off & bpf_htons(IP_MF_)) != 0;
+		off = ip->frag_off & bpf_htons(IP_OFFSET_);
+	} else {
+		struct ipv6hdr *ip6 = data + ETH_HLEN_;
+		struct frag6hdr *fh = (void *)(ip6 + 1);
+
+		if ((void *)(fh + 1) > end || ip6->version != 6 || ip6->nexthdr != 44)
+			return FRAG_NONE;
+		__builtin_memcpy(fk->src, &ip6->saddr, 16);
+		__builtin_memcpy(fk->dst, &ip6->daddr, 16);
+		fk->id = fh->id;
+		fk->proto = fh->nexthdr;
+		*more = (fh->frag_off & bpf_htons(1)) != 0;
+		off = fh->frag_off & bpf_htons(0xfff8);
+	}
+	return off ? FRAG_LATER : FRAG_FIRST;
+}
+
+/* later_frag rewrites the source of a later fragment of a reply from the
+ * record its first fragment left; the record goes with the last fragment. */
+static __always_inline int later_frag(struct __sk_buff *skb, __u8 fam, const struct xlb_frag_key *fk, __u8 more)
+{
+	struct xlb_frag *f = bpf_map_lookup_elem(&dsr_frags, fk);
+	__u32 src[4];
+
+	if (!f) {
+		stat_inc(DSR_OUT_FRAG_UNKNOWN);
+		return TC_ACT_OK;
+	}
+	__builtin_memcpy(src, f->src, 16);
+	if (!more)
+		bpf_map_delete_elem(&dsr_frags, fk);
+	if (fam == XLB_AF_INET) {
+		if (bpf_l3_csum_replace(skb, ETH_HLEN_ + offsetof(struct iphdr, check), fk->src[0], src[0], 4) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN_ + offsetof(struct iphdr, saddr), src, 4, 0))
+			goto error;
+	} else if (bpf_skb_store_bytes(skb, ETH_HLEN_ + offsetof(struct ipv6hdr, saddr), src, 16, 0)) {
+		goto error;
+	}
+	stat_inc(DSR_OUT_FRAG_LATER);
+	return TC_ACT_OK;
+error:
+	stat_inc(DSR_OUT_ERROR);
+	return TC_ACT_OK;
+}
+
+/* dsr_egress rewrites the source of replies of DSR flows to VIP:port, every
+ * fragment of a fragmented reply included. */
 SEC("tc")
 int dsr_egress(struct __sk_buff *skb)
 {
+	struct xlb_frag_key fk = {};
 	struct xlb_flow k = {};
 	struct dsr_orig *o;
 	struct inner in = {};
-	__u8 fam;
+	__u8 fam, more = 0;
+	int frag;
 
 	if (skb->protocol == bpf_htons(ETH_P_IP))
 		fam = XLB_AF_INET;
@@ -678,8 +839,11 @@ int dsr_egress(struct __sk_buff *skb)
 		fam = XLB_AF_INET6;
 	else
 		return TC_ACT_OK;
-	ensure(skb, ETH_HLEN_ + sizeof(struct ipv6hdr) + 4);
-	if (parse_ip(skb, ETH_HLEN_, fam, &in))
+	ensure(skb, ETH_HLEN_ + sizeof(struct ipv6hdr) + sizeof(struct frag6hdr) + 4);
+	frag = frag_of(skb, fam, &fk, &more);
+	if (frag == FRAG_LATER)
+		return later_frag(skb, fam, &fk, more);
+	if (parse_ip(skb, ETH_HLEN_, fam, &in, frag == FRAG_FIRST))
 		return TC_ACT_OK;
 	__builtin_memcpy(k.src, in.src, 16);
 	__builtin_memcpy(k.dst, in.dst, 16);
@@ -696,6 +860,16 @@ int dsr_egress(struct __sk_buff *skb)
 		if (set_addr_port(skb, &in, v.vip, v.port, 1)) {
 			stat_inc(DSR_OUT_ERROR);
 			return TC_ACT_OK;
+		}
+		if (frag == FRAG_FIRST) {
+			struct xlb_frag f = {};
+
+			__builtin_memcpy(f.src, v.vip, 16);
+			__builtin_memcpy(f.dst, in.dst, 16);
+			if (bpf_map_update_elem(&dsr_frags, &fk, &f, BPF_ANY))
+				stat_inc(DSR_REVNAT_FULL);
+			else
+				stat_inc(DSR_OUT_FRAG_FIRST);
 		}
 	}
 	stat_inc(DSR_OUT_REVNAT);

@@ -31,17 +31,20 @@ type DsrDsrOrig struct {
 type DsrDsrStat uint32
 
 const (
-	DsrDsrStatDSR_IN_IPIP       DsrDsrStat = 0
-	DsrDsrStatDSR_IN_GENEVE     DsrDsrStat = 1
-	DsrDsrStatDSR_IN_OPT        DsrDsrStat = 2
-	DsrDsrStatDSR_IN_ICMP       DsrDsrStat = 3
-	DsrDsrStatDSR_IN_NO_SERVICE DsrDsrStat = 4
-	DsrDsrStatDSR_IN_MALFORMED  DsrDsrStat = 5
-	DsrDsrStatDSR_IN_ERROR      DsrDsrStat = 6
-	DsrDsrStatDSR_OUT_REVNAT    DsrDsrStat = 7
-	DsrDsrStatDSR_OUT_ERROR     DsrDsrStat = 8
-	DsrDsrStatDSR_REVNAT_FULL   DsrDsrStat = 9
-	DsrDsrStatDSR_STAT_MAX      DsrDsrStat = 10
+	DsrDsrStatDSR_IN_IPIP          DsrDsrStat = 0
+	DsrDsrStatDSR_IN_GENEVE        DsrDsrStat = 1
+	DsrDsrStatDSR_IN_OPT           DsrDsrStat = 2
+	DsrDsrStatDSR_IN_ICMP          DsrDsrStat = 3
+	DsrDsrStatDSR_IN_NO_SERVICE    DsrDsrStat = 4
+	DsrDsrStatDSR_IN_MALFORMED     DsrDsrStat = 5
+	DsrDsrStatDSR_IN_ERROR         DsrDsrStat = 6
+	DsrDsrStatDSR_OUT_REVNAT       DsrDsrStat = 7
+	DsrDsrStatDSR_OUT_ERROR        DsrDsrStat = 8
+	DsrDsrStatDSR_REVNAT_FULL      DsrDsrStat = 9
+	DsrDsrStatDSR_OUT_FRAG_FIRST   DsrDsrStat = 10
+	DsrDsrStatDSR_OUT_FRAG_LATER   DsrDsrStat = 11
+	DsrDsrStatDSR_OUT_FRAG_UNKNOWN DsrDsrStat = 12
+	DsrDsrStatDSR_STAT_MAX         DsrDsrStat = 13
 )
 
 type DsrDsrSvcKey struct {
@@ -63,10 +66,28 @@ type DsrXlbFlow struct {
 	Pad    uint16
 }
 
+type DsrXlbFrag struct {
+	_     structs.HostLayout
+	Src   [4]uint32
+	Dst   [4]uint32
+	SvcId uint32
+	BeId  uint32
+}
+
+type DsrXlbFragKey struct {
+	_      structs.HostLayout
+	Src    [4]uint32
+	Dst    [4]uint32
+	Id     uint32
+	Proto  uint8
+	Family uint8
+	Pad    uint16
+}
+
 type DsrXlbLayout uint32
 
 const (
-	DsrXlbLayoutXLB_LAYOUT_VERSION DsrXlbLayout = 1
+	DsrXlbLayoutXLB_LAYOUT_VERSION DsrXlbLayout = 2
 )
 
 type DsrXlbMeta struct {
@@ -87,6 +108,7 @@ type DsrXlbVip struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	DsrMapDsrFrags        = "dsr_frags"
 	DsrMapDsrMeta         = "dsr_meta"
 	DsrMapDsrRevnat       = "dsr_revnat"
 	DsrMapDsrServices     = "dsr_services"
@@ -147,6 +169,7 @@ type DsrProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DsrMapSpecs struct {
+	DsrFrags    *ebpf.MapSpec `ebpf:"dsr_frags"`
 	DsrMeta     *ebpf.MapSpec `ebpf:"dsr_meta"`
 	DsrRevnat   *ebpf.MapSpec `ebpf:"dsr_revnat"`
 	DsrServices *ebpf.MapSpec `ebpf:"dsr_services"`
@@ -181,6 +204,7 @@ func (o *DsrObjects) Close() error {
 //
 // It can be passed to LoadDsrObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DsrMaps struct {
+	DsrFrags    *ebpf.Map `ebpf:"dsr_frags"`
 	DsrMeta     *ebpf.Map `ebpf:"dsr_meta"`
 	DsrRevnat   *ebpf.Map `ebpf:"dsr_revnat"`
 	DsrServices *ebpf.Map `ebpf:"dsr_services"`
@@ -189,6 +213,7 @@ type DsrMaps struct {
 
 func (m *DsrMaps) Close() error {
 	return _DsrClose(
+		m.DsrFrags,
 		m.DsrMeta,
 		m.DsrRevnat,
 		m.DsrServices,

@@ -145,12 +145,23 @@ struct {
 	__uint(max_entries, 65536);
 } lb_be_stats SEC(".maps");
 
+/* Fragmented SNAT replies: the first fragment's rewrite, for the
+ * datagram's later fragments (deleted with the last one). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct xlb_frag_key);
+	__type(value, struct xlb_frag);
+	__uint(max_entries, 16384);
+} lb_frags SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
 	__type(value, __u64);
-	__uint(max_entries, XLB_STAT_MAX);
+	__uint(max_entries, XLB_STAT_SLOTS);
 } lb_stats SEC(".maps");
+
+_Static_assert((int)XLB_STAT_MAX <= (int)XLB_STAT_SLOTS, "lb_stats has room for every counter");
 
 /* Force BTF for the types Go needs that no map names. */
 const enum xlb_stat __unused_xlb_stat __attribute__((unused));
@@ -160,6 +171,7 @@ const enum xlb_action __unused_xlb_action __attribute__((unused));
 const enum xlb_layout __unused_xlb_layout __attribute__((unused));
 const enum xlb_family __unused_xlb_family __attribute__((unused));
 const enum xlb_wire __unused_xlb_wire __attribute__((unused));
+const enum xlb_stat_slots __unused_xlb_stat_slots __attribute__((unused));
 
 /* linux/icmp.h pulls in libc headers: the few ICMP definitions used here. */
 #define ICMP_DEST_UNREACH_ 3
@@ -196,10 +208,27 @@ struct pkt {
 	__u32 ports;          /* raw first 4 bytes of L4 (flow hash word 8) */
 	__u32 ip_len;         /* IP datagram length: header + payload */
 	__u32 frame_len;      /* bytes as received, for counters */
+	__u32 frag_id;        /* fragments: IPv4 identification / IPv6 fragment header identification */
 	__u8 vlan;            /* one 802.1Q / 802.1ad tag */
 	__u8 tcp_flags;
 	__u8 tos;             /* IPv4 TOS / IPv6 traffic class */
-	__u8 pad;
+	__u8 frag;            /* enum frag_kind */
+	__u8 more;            /* fragments: more fragments follow */
+};
+
+/* struct pkt.frag. An IPv6 fragment has its fragment header (8 bytes) right
+ * after the IPv6 header; the first fragment's L4 header follows it. */
+enum frag_kind {
+	FRAG_NONE = 0,
+	FRAG_FIRST = 1, /* offset 0, more fragments: carries the L4 header */
+	FRAG_LATER = 2, /* offset > 0: no L4 header */
+};
+
+struct frag6hdr {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off; /* offset (8-byte units) << 3 | M */
+	__be32 id;
 };
 
 static __always_inline void stat_inc(__u32 idx)
@@ -271,7 +300,10 @@ static __always_inline int tx(struct xdp_md *ctx, __u32 stat)
 
 /* rewrite sets the destination (and, with src != 0, the source) address
  * and port of the packet, updating the IPv4 header and TCP/UDP checksums
- * incrementally. Addresses are 4 words, ports network order. */
+ * incrementally. Addresses are 4 words, ports network order. A first
+ * fragment is rewritten like a whole datagram (its L4 checksum covers the
+ * whole datagram, so the incremental update holds); a later fragment has
+ * only its addresses (the ports are in the first). */
 static __always_inline int rewrite(struct xdp_md *ctx, const struct pkt *p, const __u32 *saddr, __u16 sport,
 				   const __u32 *daddr, __u16 dport, int src)
 {
@@ -315,7 +347,11 @@ static __always_inline int rewrite(struct xdp_md *ctx, const struct pkt *p, cons
 			a[i] = daddr[i];
 		}
 		l4 = ip6 + 1;
+		if (p->frag)
+			l4 += sizeof(struct frag6hdr);
 	}
+	if (p->frag == FRAG_LATER)
+		return 0;
 	ports = l4;
 	if ((void *)(ports + 2) > end)
 		return -1;
@@ -450,10 +486,11 @@ static __always_inline int encap_ipip(struct xdp_md *ctx, const struct pkt *p, c
 }
 
 /* encap_geneve: outer IP / UDP 6081 / Geneve with one option holding the
- * service VIP and port, protocol type IPv4 or IPv6 (no inner Ethernet).
- * The inner packet must already be DNATed to the backend. */
+ * service (VIP vip, port vport), protocol type IPv4 or IPv6 (no inner
+ * Ethernet). The inner packet must already be DNATed to the backend. */
 static __always_inline int encap_geneve(struct xdp_md *ctx, const struct pkt *p, const struct xlb_config *cfg,
-					const struct xlb_backend *be, __u32 hash)
+					const struct xlb_backend *be, __u32 hash, const __u32 *vip, __u16 vport,
+					__u32 stat)
 {
 	int v6 = be->tunnel_family == XLB_AF_INET6;
 	int svc6 = p->flow.family == XLB_AF_INET6;
@@ -498,21 +535,23 @@ static __always_inline int encap_geneve(struct xdp_md *ctx, const struct pkt *p,
 	o->type = XLB_GENEVE_OPT_TYPE;
 	o->length = optdata / 4;
 	if (svc6) {
-		od[0] = p->flow.dst[0];
-		od[1] = p->flow.dst[1];
-		od[2] = p->flow.dst[2];
-		od[3] = p->flow.dst[3];
-		od[4] = (__u32)p->flow.dport; /* port, then 2 bytes of zero padding */
+		od[0] = vip[0];
+		od[1] = vip[1];
+		od[2] = vip[2];
+		od[3] = vip[3];
+		od[4] = (__u32)vport; /* port, then 2 bytes of zero padding */
 	} else {
-		od[0] = p->flow.dst[0];
-		od[1] = (__u32)p->flow.dport;
+		od[0] = vip[0];
+		od[1] = (__u32)vport;
 	}
-	return verdict(XLB_TX_GENEVE, XDP_TX);
+	return verdict(stat, XDP_TX);
 }
 
-/* insert_opt4 inserts the 8-byte service option after the IPv4 header of a
- * packet already DNATed to the backend. */
-static __always_inline int insert_opt4(struct xdp_md *ctx, const struct pkt *p)
+/* insert_opt4 inserts the 8-byte option carrying the service (VIP vip,
+ * port vport) after the IPv4 header of a packet already DNATed to the
+ * backend. */
+static __always_inline int insert_opt4(struct xdp_md *ctx, const struct pkt *p, const __u32 *vip, __u16 vport,
+				       __u32 stat)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -543,8 +582,8 @@ static __always_inline int insert_opt4(struct xdp_md *ctx, const struct pkt *p)
 	h.ip.check = 0;
 	h.type = XLB_IPOPT_TYPE;
 	h.len = XLB_IPOPT_LEN;
-	h.port = p->flow.dport;
-	h.addr = p->flow.dst[0];
+	h.port = vport;
+	h.addr = vip[0];
 	{
 		__u16 *w = (__u16 *)&h;
 		__u32 s = 0;
@@ -573,12 +612,14 @@ static __always_inline int insert_opt4(struct xdp_md *ctx, const struct pkt *p)
 	if (l3 + sizeof(h) > end)
 		return verdict(XLB_DROP_ENCAP, XDP_DROP);
 	__builtin_memcpy(l3, &h, sizeof(h));
-	return verdict(XLB_TX_OPT, XDP_TX);
+	return verdict(stat, XDP_TX);
 }
 
 /* insert_opt6 inserts a 24-byte Destination Options header carrying the
- * service after the IPv6 header of a packet already DNATed to the backend. */
-static __always_inline int insert_opt6(struct xdp_md *ctx, const struct pkt *p)
+ * service (VIP vip, port vport) after the IPv6 header of a packet already
+ * DNATed to the backend. */
+static __always_inline int insert_opt6(struct xdp_md *ctx, const struct pkt *p, const __u32 *vip, __u16 vport,
+				       __u32 stat)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -610,8 +651,8 @@ static __always_inline int insert_opt6(struct xdp_md *ctx, const struct pkt *p)
 	h.hdrlen = XLB_IP6OPT_HDRLEN / 8 - 1;
 	h.type = XLB_IP6OPT_TYPE;
 	h.len = 18;
-	h.port = p->flow.dport;
-	__builtin_memcpy(h.addr, p->flow.dst, 16);
+	h.port = vport;
+	__builtin_memcpy(h.addr, vip, 16);
 	h.padn = 1; /* PadN with 0 bytes of data */
 	h.padlen = 0;
 	h.ip.nexthdr = IPPROTO_DSTOPTS_;
@@ -636,7 +677,7 @@ static __always_inline int insert_opt6(struct xdp_md *ctx, const struct pkt *p)
 	if (l3 + sizeof(h) > end)
 		return verdict(XLB_DROP_ENCAP, XDP_DROP);
 	__builtin_memcpy(l3, &h, sizeof(h));
-	return verdict(XLB_TX_OPT, XDP_TX);
+	return verdict(stat, XDP_TX);
 }
 
 /* ---- backend selection ---- */
@@ -810,16 +851,42 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, struct xlb
 	case XLB_ACT_GENEVE:
 		if (rewrite(ctx, p, 0, 0, ct.be.addr, ct.be.port, 0))
 			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
-		return encap_geneve(ctx, p, cfg, &ct.be, hash);
+		return encap_geneve(ctx, p, cfg, &ct.be, hash, p->flow.dst, p->flow.dport, XLB_TX_GENEVE);
 	case XLB_ACT_OPT:
 		if (rewrite(ctx, p, 0, 0, ct.be.addr, ct.be.port, 0))
 			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
 		if (p->flow.family == XLB_AF_INET6)
-			return insert_opt6(ctx, p);
-		return insert_opt4(ctx, p);
+			return insert_opt6(ctx, p, p->flow.dst, p->flow.dport, XLB_TX_OPT);
+		return insert_opt4(ctx, p, p->flow.dst, p->flow.dport, XLB_TX_OPT);
 	default:
 		return encap_ipip(ctx, p, cfg, &ct.be, hash, XLB_TX_IPIP);
 	}
+}
+
+/* to_node reports whether the packet is addressed to the node address of
+ * its family. */
+static __always_inline int to_node(const struct xlb_config *cfg, const struct pkt *p)
+{
+	if (p->flow.family == XLB_AF_INET)
+		return cfg->node4 && p->flow.dst[0] == cfg->node4;
+	return have_node_addr(cfg, XLB_AF_INET6) && p->flow.dst[0] == cfg->node6[0] &&
+	       p->flow.dst[1] == cfg->node6[1] && p->flow.dst[2] == cfg->node6[2] && p->flow.dst[3] == cfg->node6[3];
+}
+
+/* snat_of finds the SNATed flow a packet from a backend to the node address
+ * (p: a whole datagram or a first fragment) replies to. */
+static __always_inline struct xlb_snat *snat_of(const struct xlb_config *cfg, const struct pkt *p)
+{
+	struct xlb_snat_key k = {};
+
+	if (!to_node(cfg, p))
+		return 0;
+	__builtin_memcpy(k.backend, p->flow.src, 16);
+	k.backend_port = p->flow.sport;
+	k.node_port = p->flow.dport;
+	k.proto = p->flow.proto;
+	k.family = p->flow.family;
+	return bpf_map_lookup_elem(&lb_snat, &k);
 }
 
 /* snat_reply handles a packet for no frontend: if it is a backend's reply
@@ -828,30 +895,70 @@ static __always_inline int snat_reply(struct xdp_md *ctx, struct pkt *p)
 {
 	__u32 zero = 0;
 	struct xlb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
-	struct xlb_snat_key k = {};
 	struct xlb_snat *s;
 
 	if (!cfg)
 		return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
-	if (p->flow.family == XLB_AF_INET) {
-		if (!cfg->node4 || p->flow.dst[0] != cfg->node4)
-			return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
-	} else if (!have_node_addr(cfg, XLB_AF_INET6) || p->flow.dst[0] != cfg->node6[0] ||
-		   p->flow.dst[1] != cfg->node6[1] || p->flow.dst[2] != cfg->node6[2] ||
-		   p->flow.dst[3] != cfg->node6[3]) {
-		return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
-	}
-	__builtin_memcpy(k.backend, p->flow.src, 16);
-	k.backend_port = p->flow.sport;
-	k.node_port = p->flow.dport;
-	k.proto = p->flow.proto;
-	k.family = p->flow.family;
-	s = bpf_map_lookup_elem(&lb_snat, &k);
+	s = snat_of(cfg, p);
 	if (!s)
 		return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
 	svc_count(s->svc_id, p->frame_len, 0);
 	be_count(s->be_id, p->frame_len, 0);
 	if (rewrite(ctx, p, s->vip, s->vip_port, s->client, s->client_port, 1))
+		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+	return tx(ctx, XLB_TX_SNAT_REPLY);
+}
+
+/* snat_frag handles an IPv4 or IPv6 fragment. Fragments of a backend's
+ * reply to a SNATed flow (a UDP reply larger than the backend's MTU) are
+ * rewritten like the whole datagram: the first, which carries the ports,
+ * through lb_snat, recording what its addresses became in lb_frags under
+ * (backend, node address, IP identification, protocol); the later ones
+ * from that record, deleted with the last fragment. A sender's fragments
+ * leave it first to last. Any other fragment, or a later one without its
+ * record (counted), goes to the kernel. */
+static __always_inline int snat_frag(struct xdp_md *ctx, struct pkt *p)
+{
+	__u32 zero = 0;
+	struct xlb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
+	struct xlb_frag_key fk = {};
+	struct xlb_frag fv = {};
+	struct xlb_snat *s;
+
+	if (!cfg || (p->flow.proto != IPPROTO_TCP && p->flow.proto != IPPROTO_UDP) || !to_node(cfg, p))
+		return verdict(XLB_PASS_FRAGMENT, XDP_PASS);
+	__builtin_memcpy(fk.src, p->flow.src, 16);
+	__builtin_memcpy(fk.dst, p->flow.dst, 16);
+	fk.id = p->frag_id;
+	fk.proto = p->flow.proto;
+	fk.family = p->flow.family;
+	if (p->frag == FRAG_LATER) {
+		struct xlb_frag *f = bpf_map_lookup_elem(&lb_frags, &fk);
+
+		if (!f) {
+			stat_inc(XLB_EV_FRAG_UNKNOWN);
+			return verdict(XLB_PASS_FRAGMENT, XDP_PASS);
+		}
+		fv = *f;
+		if (!p->more)
+			bpf_map_delete_elem(&lb_frags, &fk);
+		stat_inc(XLB_EV_FRAG_LATER);
+	} else {
+		s = snat_of(cfg, p);
+		if (!s)
+			return verdict(XLB_PASS_FRAGMENT, XDP_PASS);
+		__builtin_memcpy(fv.src, s->vip, 16);
+		__builtin_memcpy(fv.dst, s->client, 16);
+		fv.svc_id = s->svc_id;
+		fv.be_id = s->be_id;
+		bpf_map_update_elem(&lb_frags, &fk, &fv, BPF_ANY);
+		stat_inc(XLB_EV_FRAG_FIRST);
+		p->flow.sport = s->vip_port;
+		p->flow.dport = s->client_port;
+	}
+	svc_count(fv.svc_id, p->frame_len, 0);
+	be_count(fv.be_id, p->frame_len, 0);
+	if (rewrite(ctx, p, fv.src, p->flow.sport, fv.dst, p->flow.dport, 1))
 		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
 	return tx(ctx, XLB_TX_SNAT_REPLY);
 }
@@ -912,9 +1019,115 @@ static __always_inline int lb_l4(struct xdp_md *ctx, struct pkt *p, __u8 ttl)
 	return forward(ctx, p, cfg, svc, hit, syn, rst);
 }
 
-/* icmp_error forwards an ICMP error about a VIP flow to that flow's
- * backend. The embedded packet is a reply VIP -> client; the flow is its
- * reverse. e is the embedded header's family; src/dst its addresses. */
+/* set_addr4w writes the 4-word address to into a (words of the packet) and
+ * adds the change to the accumulators *d1 and *d2. */
+static __always_inline void set_addr4w(__u32 *a, const __u32 *to, int v6, __u32 *d1, __u32 *d2)
+{
+	if (!v6) {
+		*d1 = csum_diff4(*d1, a[0], to[0]);
+		*d2 = csum_diff4(*d2, a[0], to[0]);
+		a[0] = to[0];
+		return;
+	}
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		*d1 = csum_diff4(*d1, a[i], to[i]);
+		*d2 = csum_diff4(*d2, a[i], to[i]);
+		a[i] = to[i];
+	}
+}
+
+/* icmp_nat translates, in place, an ICMP error (IPv4 frag-needed or ICMPv6
+ * packet-too-big) about a reply that left as VIP:port -> client into the
+ * error the backend's own socket expects: the outer destination becomes
+ * odst (and the outer source osrc, if given); the quoted packet's source
+ * becomes esrc:esport (and its destination edst:edport, if given). Every
+ * checksum follows: the outer IPv4 header, the ICMP checksum (ICMPv6: with
+ * its pseudo header), the quoted IPv4 header, and the quoted UDP/TCP
+ * checksum when the quote reaches it. The caller checked that the quote
+ * holds an IP header without options and 4 bytes of ports. */
+static __always_inline int icmp_nat(struct xdp_md *ctx, const struct pkt *p, const __u32 *osrc, const __u32 *odst,
+				    const __u32 *esrc, __u16 esport, const __u32 *edst, __u16 edport)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	int v6 = p->flow.family == XLB_AF_INET6;
+	__u32 od = 0, icd = 0, ed = 0, l4d = 0, unused = 0;
+	__u16 *eports, *check, *l4check, nc;
+	__u8 eproto;
+
+	if (!v6) {
+		struct iphdr *ip = data + l2_len(p);
+		struct icmphdr_ *ic = (void *)(ip + 1);
+		struct iphdr *in = (void *)(ic + 1);
+
+		eports = (void *)(in + 1);
+		if ((void *)(eports + 2) > end)
+			return -1;
+		if (osrc)
+			set_addr4w(&ip->saddr, osrc, 0, &od, &unused);
+		set_addr4w(&ip->daddr, odst, 0, &od, &unused);
+		ip->check = csum_apply(ip->check, od);
+		/* the quoted header: the ICMP checksum covers it, its own
+		 * checksum covers the addresses, its L4 checksum too */
+		set_addr4w(&in->saddr, esrc, 0, &ed, &l4d);
+		if (edst)
+			set_addr4w(&in->daddr, edst, 0, &ed, &l4d);
+		nc = csum_apply(in->check, ed);
+		icd = csum_diff2(csum_add(icd, ed), in->check, nc);
+		in->check = nc;
+		eproto = in->protocol;
+		check = &ic->checksum;
+	} else {
+		struct ipv6hdr *ip6 = data + l2_len(p);
+		struct icmp6hdr *ic = (void *)(ip6 + 1);
+		struct ipv6hdr *in = (void *)(ic + 1);
+
+		eports = (void *)(in + 1);
+		if ((void *)(eports + 2) > end)
+			return -1;
+		/* the ICMPv6 checksum covers the outer addresses (pseudo
+		 * header) and the quoted packet */
+		if (osrc)
+			set_addr4w(ip6->saddr.in6_u.u6_addr32, osrc, 1, &icd, &unused);
+		set_addr4w(ip6->daddr.in6_u.u6_addr32, odst, 1, &icd, &unused);
+		set_addr4w(in->saddr.in6_u.u6_addr32, esrc, 1, &icd, &l4d);
+		if (edst)
+			set_addr4w(in->daddr.in6_u.u6_addr32, edst, 1, &icd, &l4d);
+		eproto = in->nexthdr;
+		check = &ic->icmp6_cksum;
+	}
+	l4d = csum_diff2(l4d, eports[0], esport);
+	icd = csum_diff2(icd, eports[0], esport);
+	eports[0] = esport;
+	if (edst) {
+		l4d = csum_diff2(l4d, eports[1], edport);
+		icd = csum_diff2(icd, eports[1], edport);
+		eports[1] = edport;
+	}
+	l4check = (void *)eports + (eproto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check));
+	/* a UDP checksum of 0 is "none" (IPv4) or invalid: left alone */
+	if ((void *)(l4check + 1) <= end && *l4check) {
+		nc = csum_apply(*l4check, l4d);
+		if (eproto == IPPROTO_UDP && !nc)
+			nc = 0xffff;
+		icd = csum_diff2(icd, *l4check, nc);
+		*l4check = nc;
+	}
+	if ((void *)(check + 1) > end)
+		return -1;
+	*check = csum_apply(*check, icd);
+	return 0;
+}
+
+/* icmp_error sends an ICMP error about a VIP flow on to that flow's
+ * backend, the way the flow's own packets go: IPIP (the backend side
+ * translates it), or translated here and sent by Geneve or with the service
+ * option (DSR; with the option from the node address), or translated back
+ * like a reply and bounced to the backend (SNAT: the backend's socket is
+ * connected to the node address and port).
+ * The quoted packet is a reply VIP -> client; the flow is its reverse.
+ * esrc/edst are the quoted addresses, in the outer packet's family. */
 static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const __u32 *esrc, const __u32 *edst,
 				      __u16 esport, __u16 edport, __u8 eproto, __u8 ttl)
 {
@@ -924,6 +1137,7 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	struct xlb_service *svc;
 	struct xlb_flow flow = {};
 	struct xlb_ct *hit, ct = {};
+	__u32 vip[4], node[4] = {};
 
 	__builtin_memcpy(key.addr, esrc, 16);
 	key.port = esport;
@@ -936,6 +1150,7 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 		return verdict(XLB_PASS_TTL, XDP_PASS);
 	__builtin_memcpy(flow.src, edst, 16);
 	__builtin_memcpy(flow.dst, esrc, 16);
+	__builtin_memcpy(vip, esrc, 16);
 	flow.sport = edport;
 	flow.dport = esport;
 	flow.proto = eproto;
@@ -951,16 +1166,48 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 			return verdict(XLB_PASS_ICMP, XDP_PASS);
 		ct.action = action_for(svc, eproto);
 	}
-	if (ct.action == XLB_ACT_SNAT)
-		return verdict(XLB_PASS_ICMP, XDP_PASS);
+	if (p->flow.family == XLB_AF_INET6)
+		__builtin_memcpy(node, cfg->node6, 16);
+	else
+		node[0] = cfg->node4;
+	if (ct.action == XLB_ACT_SNAT) {
+		/* without its conntrack entry the flow's node port is unknown */
+		if (!hit || !ct.snat_port || !have_node_addr(cfg, p->flow.family))
+			return verdict(XLB_PASS_ICMP, XDP_PASS);
+		svc_count(ct.svc_id, p->frame_len, 0);
+		be_count(ct.be_id, p->frame_len, 0);
+		if (icmp_nat(ctx, p, node, ct.be.addr, ct.be.addr, ct.be.port, node, ct.snat_port))
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		return tx(ctx, XLB_TX_ICMP);
+	}
 	svc_count(ct.svc_id, p->frame_len, 0);
 	be_count(ct.be_id, p->frame_len, 0);
-	return encap_ipip(ctx, p, cfg, &ct.be, hash, XLB_TX_ICMP);
+	switch (ct.action) {
+	case XLB_ACT_GENEVE:
+		if (icmp_nat(ctx, p, 0, ct.be.addr, ct.be.addr, ct.be.port, 0, 0))
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		return encap_geneve(ctx, p, cfg, &ct.be, hash, vip, esport, XLB_TX_ICMP);
+	case XLB_ACT_OPT:
+		/* Routed as it is, back through the router that sent it,
+		 * which would drop a packet from its own address: it leaves
+		 * from the node address. */
+		if (!have_node_addr(cfg, p->flow.family))
+			return verdict(XLB_DROP_NO_NODE_ADDR, XDP_DROP);
+		if (icmp_nat(ctx, p, node, ct.be.addr, ct.be.addr, ct.be.port, 0, 0))
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		if (p->flow.family == XLB_AF_INET6)
+			return insert_opt6(ctx, p, vip, esport, XLB_TX_ICMP);
+		return insert_opt4(ctx, p, vip, esport, XLB_TX_ICMP);
+	default:
+		return encap_ipip(ctx, p, cfg, &ct.be, hash, XLB_TX_ICMP);
+	}
 }
 
-/* LB_CONTINUE: parsed a TCP/UDP packet, go on with lb_l4 (a single call
- * site keeps one copy of the forwarding code in the program). */
+/* LB_CONTINUE: parsed a TCP/UDP packet, go on with lb_l4; LB_FRAG: parsed
+ * a fragment, go on with snat_frag (a single call site each keeps one copy
+ * of that code in the program). */
 #define LB_CONTINUE -1
+#define LB_FRAG -2
 
 static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *ttl)
 {
@@ -975,8 +1222,6 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
 	if (ip->ihl != 5)
 		return verdict(XLB_PASS_IP_OPTIONS, XDP_PASS);
-	if (ip->frag_off & bpf_htons(IP_MF_ | IP_OFFSET_))
-		return verdict(XLB_PASS_FRAGMENT, XDP_PASS);
 	tot = bpf_ntohs(ip->tot_len);
 	if (tot < sizeof(*ip) || (void *)ip + tot > end)
 		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
@@ -986,6 +1231,15 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 	p->flow.proto = ip->protocol;
 	p->flow.src[0] = ip->saddr;
 	p->flow.dst[0] = ip->daddr;
+	if (ip->frag_off & bpf_htons(IP_MF_ | IP_OFFSET_)) {
+		p->frag_id = ip->id;
+		p->more = (ip->frag_off & bpf_htons(IP_MF_)) != 0;
+		if (ip->frag_off & bpf_htons(IP_OFFSET_)) {
+			p->frag = FRAG_LATER;
+			return LB_FRAG;
+		}
+		p->frag = FRAG_FIRST;
+	}
 
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *th = (void *)(ip + 1);
@@ -997,7 +1251,7 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 		p->flow.dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
 		*ttl = ip->ttl;
-		return LB_CONTINUE;
+		return p->frag ? LB_FRAG : LB_CONTINUE;
 	}
 	if (ip->protocol == IPPROTO_UDP) {
 		struct udphdr *uh = (void *)(ip + 1);
@@ -1008,8 +1262,10 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 		p->flow.sport = uh->source;
 		p->flow.dport = uh->dest;
 		*ttl = ip->ttl;
-		return LB_CONTINUE;
+		return p->frag ? LB_FRAG : LB_CONTINUE;
 	}
+	if (p->frag)
+		return verdict(XLB_PASS_FRAGMENT, XDP_PASS);
 	if (ip->protocol == IPPROTO_ICMP) {
 		struct icmphdr_ *ic = (void *)(ip + 1);
 		struct iphdr *in = (void *)(ic + 1);
@@ -1055,50 +1311,71 @@ static __always_inline int handle_v6(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
 	struct ipv6hdr *ip6 = data + l2_len(p);
-	__u32 plen;
+	void *l4;
+	__u32 plen, hlen = 0;
+	__u8 nh;
 
 	if ((void *)(ip6 + 1) > end)
 		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
 	if (ip6->version != 6)
 		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
-	if (ip6->nexthdr == 44)
-		return verdict(XLB_PASS_FRAGMENT, XDP_PASS);
-	if (is_ext_header(ip6->nexthdr))
-		return verdict(XLB_PASS_IP_OPTIONS, XDP_PASS);
 	plen = bpf_ntohs(ip6->payload_len);
 	if ((void *)(ip6 + 1) + plen > end)
 		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
 	p->ip_len = sizeof(*ip6) + plen;
 	p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
 	p->flow.family = XLB_AF_INET6;
-	p->flow.proto = ip6->nexthdr;
 	__builtin_memcpy(p->flow.src, &ip6->saddr, 16);
 	__builtin_memcpy(p->flow.dst, &ip6->daddr, 16);
+	nh = ip6->nexthdr;
+	l4 = ip6 + 1;
+	if (nh == 44) {
+		struct frag6hdr *fh = l4;
 
-	if (ip6->nexthdr == IPPROTO_TCP) {
-		struct tcphdr *th = (void *)(ip6 + 1);
+		if ((void *)(fh + 1) > end || plen < sizeof(*fh))
+			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+		nh = fh->nexthdr;
+		p->frag_id = fh->id;
+		p->more = (fh->frag_off & bpf_htons(1)) != 0;
+		p->flow.proto = nh;
+		if (fh->frag_off & bpf_htons(0xfff8)) {
+			p->frag = FRAG_LATER;
+			return LB_FRAG;
+		}
+		p->frag = FRAG_FIRST;
+		l4 = fh + 1;
+		hlen = sizeof(*fh);
+	}
+	if (is_ext_header(nh))
+		return verdict(p->frag ? XLB_PASS_FRAGMENT : XLB_PASS_IP_OPTIONS, XDP_PASS);
+	p->flow.proto = nh;
 
-		if ((void *)(th + 1) > end || plen < sizeof(*th))
+	if (nh == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+
+		if ((void *)(th + 1) > end || plen < hlen + sizeof(*th))
 			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
 		p->ports = *(__u32 *)th;
 		p->flow.sport = th->source;
 		p->flow.dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
 		*ttl = ip6->hop_limit;
-		return LB_CONTINUE;
+		return p->frag ? LB_FRAG : LB_CONTINUE;
 	}
-	if (ip6->nexthdr == IPPROTO_UDP) {
-		struct udphdr *uh = (void *)(ip6 + 1);
+	if (nh == IPPROTO_UDP) {
+		struct udphdr *uh = l4;
 
-		if ((void *)(uh + 1) > end || plen < sizeof(*uh))
+		if ((void *)(uh + 1) > end || plen < hlen + sizeof(*uh))
 			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
 		p->ports = *(__u32 *)uh;
 		p->flow.sport = uh->source;
 		p->flow.dport = uh->dest;
 		*ttl = ip6->hop_limit;
-		return LB_CONTINUE;
+		return p->frag ? LB_FRAG : LB_CONTINUE;
 	}
-	if (ip6->nexthdr == IPPROTO_ICMPV6) {
+	if (p->frag)
+		return verdict(XLB_PASS_FRAGMENT, XDP_PASS);
+	if (nh == IPPROTO_ICMPV6) {
 		struct icmp6hdr *ic = (void *)(ip6 + 1);
 		struct ipv6hdr *in = (void *)(ic + 1);
 		__u16 *eports = (void *)(in + 1);
@@ -1148,6 +1425,8 @@ int xdplb(struct xdp_md *ctx)
 		ret = handle_v6(ctx, &p, &ttl);
 	else
 		return verdict(XLB_PASS_NOT_IP, XDP_PASS);
+	if (ret == LB_FRAG)
+		return snat_frag(ctx, &p);
 	if (ret != LB_CONTINUE)
 		return ret;
 	return lb_l4(ctx, &p, ttl);

@@ -86,10 +86,28 @@ type XdplbXlbFlow struct {
 	Pad    uint16
 }
 
+type XdplbXlbFrag struct {
+	_     structs.HostLayout
+	Src   [4]uint32
+	Dst   [4]uint32
+	SvcId uint32
+	BeId  uint32
+}
+
+type XdplbXlbFragKey struct {
+	_      structs.HostLayout
+	Src    [4]uint32
+	Dst    [4]uint32
+	Id     uint32
+	Proto  uint8
+	Family uint8
+	Pad    uint16
+}
+
 type XdplbXlbLayout uint32
 
 const (
-	XdplbXlbLayoutXLB_LAYOUT_VERSION XdplbXlbLayout = 1
+	XdplbXlbLayoutXLB_LAYOUT_VERSION XdplbXlbLayout = 2
 )
 
 type XdplbXlbMeta struct {
@@ -162,7 +180,16 @@ const (
 	XdplbXlbStatXLB_EV_CT_NEW         XdplbXlbStat = 19
 	XdplbXlbStatXLB_EV_CT_MIDFLOW     XdplbXlbStat = 20
 	XdplbXlbStatXLB_EV_CT_RST         XdplbXlbStat = 21
-	XdplbXlbStatXLB_STAT_MAX          XdplbXlbStat = 22
+	XdplbXlbStatXLB_EV_FRAG_FIRST     XdplbXlbStat = 22
+	XdplbXlbStatXLB_EV_FRAG_LATER     XdplbXlbStat = 23
+	XdplbXlbStatXLB_EV_FRAG_UNKNOWN   XdplbXlbStat = 24
+	XdplbXlbStatXLB_STAT_MAX          XdplbXlbStat = 25
+)
+
+type XdplbXlbStatSlots uint32
+
+const (
+	XdplbXlbStatSlotsXLB_STAT_SLOTS XdplbXlbStatSlots = 64
 )
 
 type XdplbXlbSvcStats struct {
@@ -197,26 +224,28 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	XdplbMapLbBackends        = "lb_backends"
-	XdplbMapLbBeStats         = "lb_be_stats"
-	XdplbMapLbConfig          = "lb_config"
-	XdplbMapLbCt              = "lb_ct"
-	XdplbMapLbMeta            = "lb_meta"
-	XdplbMapLbServices        = "lb_services"
-	XdplbMapLbSnat            = "lb_snat"
-	XdplbMapLbStats           = "lb_stats"
-	XdplbMapLbSvcGen          = "lb_svc_gen"
-	XdplbMapLbSvcStats        = "lb_svc_stats"
-	XdplbMapLbTables          = "lb_tables"
-	XdplbProgXdpPass          = "xdp_pass"
-	XdplbProgXdplb            = "xdplb"
-	XdplbVarUnusedXlbAction   = "__unused_xlb_action"
-	XdplbVarUnusedXlbDispatch = "__unused_xlb_dispatch"
-	XdplbVarUnusedXlbFamily   = "__unused_xlb_family"
-	XdplbVarUnusedXlbLayout   = "__unused_xlb_layout"
-	XdplbVarUnusedXlbMode     = "__unused_xlb_mode"
-	XdplbVarUnusedXlbStat     = "__unused_xlb_stat"
-	XdplbVarUnusedXlbWire     = "__unused_xlb_wire"
+	XdplbMapLbBackends         = "lb_backends"
+	XdplbMapLbBeStats          = "lb_be_stats"
+	XdplbMapLbConfig           = "lb_config"
+	XdplbMapLbCt               = "lb_ct"
+	XdplbMapLbFrags            = "lb_frags"
+	XdplbMapLbMeta             = "lb_meta"
+	XdplbMapLbServices         = "lb_services"
+	XdplbMapLbSnat             = "lb_snat"
+	XdplbMapLbStats            = "lb_stats"
+	XdplbMapLbSvcGen           = "lb_svc_gen"
+	XdplbMapLbSvcStats         = "lb_svc_stats"
+	XdplbMapLbTables           = "lb_tables"
+	XdplbProgXdpPass           = "xdp_pass"
+	XdplbProgXdplb             = "xdplb"
+	XdplbVarUnusedXlbAction    = "__unused_xlb_action"
+	XdplbVarUnusedXlbDispatch  = "__unused_xlb_dispatch"
+	XdplbVarUnusedXlbFamily    = "__unused_xlb_family"
+	XdplbVarUnusedXlbLayout    = "__unused_xlb_layout"
+	XdplbVarUnusedXlbMode      = "__unused_xlb_mode"
+	XdplbVarUnusedXlbStat      = "__unused_xlb_stat"
+	XdplbVarUnusedXlbStatSlots = "__unused_xlb_stat_slots"
+	XdplbVarUnusedXlbWire      = "__unused_xlb_wire"
 )
 
 // LoadXdplb returns the embedded CollectionSpec for Xdplb.
@@ -273,6 +302,7 @@ type XdplbMapSpecs struct {
 	LbBeStats  *ebpf.MapSpec `ebpf:"lb_be_stats"`
 	LbConfig   *ebpf.MapSpec `ebpf:"lb_config"`
 	LbCt       *ebpf.MapSpec `ebpf:"lb_ct"`
+	LbFrags    *ebpf.MapSpec `ebpf:"lb_frags"`
 	LbMeta     *ebpf.MapSpec `ebpf:"lb_meta"`
 	LbServices *ebpf.MapSpec `ebpf:"lb_services"`
 	LbSnat     *ebpf.MapSpec `ebpf:"lb_snat"`
@@ -286,13 +316,14 @@ type XdplbMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type XdplbVariableSpecs struct {
-	UnusedXlbAction   *ebpf.VariableSpec `ebpf:"__unused_xlb_action"`
-	UnusedXlbDispatch *ebpf.VariableSpec `ebpf:"__unused_xlb_dispatch"`
-	UnusedXlbFamily   *ebpf.VariableSpec `ebpf:"__unused_xlb_family"`
-	UnusedXlbLayout   *ebpf.VariableSpec `ebpf:"__unused_xlb_layout"`
-	UnusedXlbMode     *ebpf.VariableSpec `ebpf:"__unused_xlb_mode"`
-	UnusedXlbStat     *ebpf.VariableSpec `ebpf:"__unused_xlb_stat"`
-	UnusedXlbWire     *ebpf.VariableSpec `ebpf:"__unused_xlb_wire"`
+	UnusedXlbAction    *ebpf.VariableSpec `ebpf:"__unused_xlb_action"`
+	UnusedXlbDispatch  *ebpf.VariableSpec `ebpf:"__unused_xlb_dispatch"`
+	UnusedXlbFamily    *ebpf.VariableSpec `ebpf:"__unused_xlb_family"`
+	UnusedXlbLayout    *ebpf.VariableSpec `ebpf:"__unused_xlb_layout"`
+	UnusedXlbMode      *ebpf.VariableSpec `ebpf:"__unused_xlb_mode"`
+	UnusedXlbStat      *ebpf.VariableSpec `ebpf:"__unused_xlb_stat"`
+	UnusedXlbStatSlots *ebpf.VariableSpec `ebpf:"__unused_xlb_stat_slots"`
+	UnusedXlbWire      *ebpf.VariableSpec `ebpf:"__unused_xlb_wire"`
 }
 
 // XdplbObjects contains all objects after they have been loaded into the kernel.
@@ -319,6 +350,7 @@ type XdplbMaps struct {
 	LbBeStats  *ebpf.Map `ebpf:"lb_be_stats"`
 	LbConfig   *ebpf.Map `ebpf:"lb_config"`
 	LbCt       *ebpf.Map `ebpf:"lb_ct"`
+	LbFrags    *ebpf.Map `ebpf:"lb_frags"`
 	LbMeta     *ebpf.Map `ebpf:"lb_meta"`
 	LbServices *ebpf.Map `ebpf:"lb_services"`
 	LbSnat     *ebpf.Map `ebpf:"lb_snat"`
@@ -334,6 +366,7 @@ func (m *XdplbMaps) Close() error {
 		m.LbBeStats,
 		m.LbConfig,
 		m.LbCt,
+		m.LbFrags,
 		m.LbMeta,
 		m.LbServices,
 		m.LbSnat,
@@ -348,13 +381,14 @@ func (m *XdplbMaps) Close() error {
 //
 // It can be passed to LoadXdplbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XdplbVariables struct {
-	UnusedXlbAction   *ebpf.Variable `ebpf:"__unused_xlb_action"`
-	UnusedXlbDispatch *ebpf.Variable `ebpf:"__unused_xlb_dispatch"`
-	UnusedXlbFamily   *ebpf.Variable `ebpf:"__unused_xlb_family"`
-	UnusedXlbLayout   *ebpf.Variable `ebpf:"__unused_xlb_layout"`
-	UnusedXlbMode     *ebpf.Variable `ebpf:"__unused_xlb_mode"`
-	UnusedXlbStat     *ebpf.Variable `ebpf:"__unused_xlb_stat"`
-	UnusedXlbWire     *ebpf.Variable `ebpf:"__unused_xlb_wire"`
+	UnusedXlbAction    *ebpf.Variable `ebpf:"__unused_xlb_action"`
+	UnusedXlbDispatch  *ebpf.Variable `ebpf:"__unused_xlb_dispatch"`
+	UnusedXlbFamily    *ebpf.Variable `ebpf:"__unused_xlb_family"`
+	UnusedXlbLayout    *ebpf.Variable `ebpf:"__unused_xlb_layout"`
+	UnusedXlbMode      *ebpf.Variable `ebpf:"__unused_xlb_mode"`
+	UnusedXlbStat      *ebpf.Variable `ebpf:"__unused_xlb_stat"`
+	UnusedXlbStatSlots *ebpf.Variable `ebpf:"__unused_xlb_stat_slots"`
+	UnusedXlbWire      *ebpf.Variable `ebpf:"__unused_xlb_wire"`
 }
 
 // XdplbPrograms contains all programs after they have been loaded into the kernel.

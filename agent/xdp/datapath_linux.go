@@ -284,6 +284,7 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 	l, s := &d.lb.XdplbMaps, &d.dsr.DsrMaps
 	return map[string]*ebpf.Map{
 		bpf.XdplbMapLbServices: l.LbServices,
+		bpf.XdplbMapLbSvcGen:   l.LbSvcGen,
 		bpf.XdplbMapLbTables:   l.LbTables,
 		bpf.XdplbMapLbBackends: l.LbBackends,
 		bpf.XdplbMapLbCt:       l.LbCt,
@@ -293,10 +294,12 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 		bpf.XdplbMapLbSvcStats: l.LbSvcStats,
 		bpf.XdplbMapLbBeStats:  l.LbBeStats,
 		bpf.XdplbMapLbStats:    l.LbStats,
+		bpf.XdplbMapLbFrags:    l.LbFrags,
 		bpf.DsrMapDsrServices:  s.DsrServices,
 		bpf.DsrMapDsrRevnat:    s.DsrRevnat,
 		bpf.DsrMapDsrMeta:      s.DsrMeta,
 		bpf.DsrMapDsrStats:     s.DsrStats,
+		bpf.DsrMapDsrFrags:     s.DsrFrags,
 	}
 }
 
@@ -441,7 +444,7 @@ func (d *Datapath) attach(a attachment) error {
 			d.links[a.name] = l
 			return nil
 		}
-		d.log.Warn("re-attaching program: pinned link points to another interface", "link", path)
+		d.log.Warn("re-attaching program: pinned link is detached or points to another interface", "link", path)
 		l.Unpin()
 		l.Close()
 	} else if !errors.Is(err, os.ErrNotExist) {

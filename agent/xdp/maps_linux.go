@@ -58,8 +58,13 @@ type beKey struct {
 type svcState struct {
 	id    uint32
 	value bpf.XdplbXlbService
-	fp    string // table fingerprint; "" = unknown, rewrite
+	fp    string // table fingerprint; "" = unknown: compare with kernel, or rewrite
 	beIDs []uint32
+	// Read back from the maps (readState): the table's slots (backend
+	// ids) and whether lb_svc_gen holds the service's generation. A sync
+	// keeps a table whose slots are already right.
+	kernel []uint32
+	genOK  bool
 }
 
 // syncState mirrors what the maps hold, so a sync writes only what changed.
@@ -86,6 +91,13 @@ func (d *Datapath) readState() (*syncState, error) {
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("read lb_services: %w", err)
+	}
+	for _, s := range st.svcs {
+		var gen uint32
+		s.genOK = d.lb.LbSvcGen.Lookup(s.id, &gen) == nil && gen == s.value.Gen && gen != 0
+		if s.value.Size > 0 {
+			s.kernel = d.readTable(s.id, s.value.Size)
+		}
 	}
 	var id uint32
 	var be bpf.XdplbXlbBackend
@@ -311,6 +323,13 @@ func (d *Datapath) Sync(desired []Service) (res SyncResult, err error) {
 				res.Unchanged++
 				continue
 			}
+			// Read back from the maps: kept if the kernel's table and
+			// generation are what this sync would write.
+			if old.value == value && old.fp == "" && fp != "" && old.genOK && slotsEqual(old.kernel, table, ids) {
+				old.fp, old.beIDs, old.kernel = fp, ids, nil
+				res.Unchanged++
+				continue
+			}
 			plans = append(plans, plan{key: key, st: old, value: value, table: table, ids: ids})
 			continue
 		}
@@ -352,6 +371,7 @@ func (d *Datapath) Sync(desired []Service) (res SyncResult, err error) {
 			p.st.fp = p.table.Fingerprint()
 		}
 		p.st.beIDs = p.ids
+		p.st.kernel, p.st.genOK = nil, true
 		st.svcs[p.key] = p.st
 		if p.isNew {
 			res.Added++
@@ -407,6 +427,47 @@ func (d *Datapath) nextGen() (uint32, error) {
 		return 0, mapErr("lb_meta", err)
 	}
 	return meta.GenSeq, nil
+}
+
+// readTable returns the slots (backend ids) of service id's Maglev table in
+// lb_tables, or nil when there is none of size m or it cannot be read.
+func (d *Datapath) readTable(id, m uint32) []uint32 {
+	var inner *ebpf.Map
+	if err := d.lb.LbTables.Lookup(id, &inner); err != nil {
+		return nil
+	}
+	defer inner.Close()
+	if inner.MaxEntries() != m {
+		return nil
+	}
+	keys, vals := make([]uint32, m), make([]uint32, m)
+	var cursor ebpf.MapBatchCursor
+	n, err := inner.BatchLookup(&cursor, keys, vals, nil)
+	if n != int(m) || (err != nil && !errors.Is(err, ebpf.ErrKeyNotExist)) {
+		return nil
+	}
+	out := make([]uint32, m)
+	for i := range n {
+		if keys[i] >= m {
+			return nil
+		}
+		out[keys[i]] = vals[i]
+	}
+	return out
+}
+
+// slotsEqual reports whether kernel holds table t with backend ids ids.
+func slotsEqual(kernel []uint32, t *maglev.Table, ids []uint32) bool {
+	slots := t.Slots()
+	if len(kernel) != len(slots) {
+		return false
+	}
+	for i, s := range slots {
+		if kernel[i] != ids[s] {
+			return false
+		}
+	}
+	return true
 }
 
 // writeTable builds the service's Maglev table in a new inner map and swaps
@@ -494,8 +555,10 @@ func (d *Datapath) syncDSR(desired []Service) error {
 	return nil
 }
 
-// Refresh drops the mirror: the next Sync reads the maps and rewrites every
-// table (repairing drift).
+// Refresh rebuilds the mirror from the maps, so the next Sync repairs what
+// was changed behind the agent's back: services, generations, Maglev tables
+// (compared slot by slot; a table already right is kept), backends and
+// dsr_services. lb_config is written again at once.
 func (d *Datapath) Refresh() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -504,5 +567,5 @@ func (d *Datapath) Refresh() error {
 		return err
 	}
 	d.st = st
-	return nil
+	return d.writeConfig()
 }

@@ -27,6 +27,9 @@ var StatNames = []string{
 	"ct_new",
 	"ct_midflow",
 	"ct_rst",
+	"frag_first",
+	"frag_later",
+	"frag_unknown",
 }
 
 // DSRStatNames labels enum dsr_stat, in order; checked against DSR_STAT_MAX.
@@ -41,6 +44,9 @@ var DSRStatNames = []string{
 	"out_revnat",
 	"out_error",
 	"revnat_full",
+	"out_frag_first",
+	"out_frag_later",
+	"out_frag_unknown",
 }
 
 // Compile-time length checks (a test compares the names too).

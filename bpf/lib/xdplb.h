@@ -17,7 +17,13 @@
 #include <linux/types.h>
 
 enum xlb_layout {
-	XLB_LAYOUT_VERSION = 1,
+	XLB_LAYOUT_VERSION = 2,
+};
+
+/* Slots of the counter arrays (lb_stats, dsr_stats): more than the
+ * counters defined, so adding one does not change the pinned maps. */
+enum xlb_stat_slots {
+	XLB_STAT_SLOTS = 64,
 };
 
 enum xlb_family {
@@ -141,6 +147,27 @@ struct xlb_snat {
 	__u32 pad;
 };
 
+/* lb_frags / dsr_frags key: one fragmented datagram as it leaves the
+ * backend (addresses before any rewriting) and its IP identification
+ * (IPv4: 16 bits in network order; IPv6: the fragment header's 32 bits). */
+struct xlb_frag_key {
+	__u32 src[4];
+	__u32 dst[4];
+	__u32 id;
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+};
+
+/* lb_frags / dsr_frags value: what the first fragment's addresses became,
+ * so the datagram's later fragments (which carry no ports) get the same. */
+struct xlb_frag {
+	__u32 src[4];
+	__u32 dst[4];
+	__u32 svc_id; /* lb_frags: for the per-service and per-backend counters */
+	__u32 be_id;
+};
+
 /* lb_config[0]: node-wide settings, changeable at run time. */
 struct xlb_config {
 	__u32 seed;      /* Maglev datapath seed (maglev.Seed.DatapathSeed) */
@@ -181,7 +208,7 @@ enum xlb_stat {
 	XLB_PASS_MALFORMED,    /* truncated or invalid header: the kernel decides */
 	XLB_PASS_NOT_VIP,      /* not for a service frontend nor a SNAT reply */
 	XLB_PASS_IP_OPTIONS,   /* IPv4 options or IPv6 extension headers */
-	XLB_PASS_FRAGMENT,     /* IPv4 or IPv6 fragment */
+	XLB_PASS_FRAGMENT,     /* IPv4 or IPv6 fragment, other than of a SNAT reply */
 	XLB_PASS_TTL,          /* TTL / hop limit <= 1 on a VIP packet */
 	XLB_PASS_BAD_CSUM,     /* VIP packet with a wrong IPv4 header checksum */
 	XLB_PASS_ICMP,         /* ICMP the LB does not handle (echo, ND, errors of non-VIP flows) */
@@ -193,12 +220,15 @@ enum xlb_stat {
 	XLB_TX_GENEVE,         /* DSR: Geneve */
 	XLB_TX_OPT,            /* DSR: IPv4 option / IPv6 destination option */
 	XLB_TX_SNAT,           /* SNAT: client -> backend */
-	XLB_TX_SNAT_REPLY,     /* SNAT: backend -> client */
-	XLB_TX_ICMP,           /* ICMP frag-needed / PTB sent on to the flow's backend */
+	XLB_TX_SNAT_REPLY,     /* SNAT: backend -> client (each fragment of a fragmented reply too) */
+	XLB_TX_ICMP,           /* ICMP frag-needed / PTB sent on to the flow's backend (service dispatch, or translated for SNAT) */
 	XLB_EV_CT_HIT,         /* conntrack entry used */
 	XLB_EV_CT_NEW,         /* backend picked from the Maglev table, entry inserted */
 	XLB_EV_CT_MIDFLOW,     /* ... for a TCP packet without SYN (conntrack lost or another LB) */
 	XLB_EV_CT_RST,         /* conntrack entry removed after a TCP RST */
+	XLB_EV_FRAG_FIRST,     /* first fragment of a SNAT reply rewritten, its record kept (lb_frags) */
+	XLB_EV_FRAG_LATER,     /* later fragment of a SNAT reply rewritten from its record */
+	XLB_EV_FRAG_UNKNOWN,   /* later fragment to the node address without record: passed */
 	XLB_STAT_MAX,
 };
 
@@ -234,13 +264,16 @@ enum dsr_stat {
 	DSR_IN_IPIP = 0,      /* IPIP / IP6IP6 / 4in6 / 6in4 decapsulated and DNATed */
 	DSR_IN_GENEVE,        /* Geneve decapsulated */
 	DSR_IN_OPT,           /* service option read and stripped */
-	DSR_IN_ICMP,          /* ICMP error for a DSR flow translated to the backend */
+	DSR_IN_ICMP,          /* ICMP error for a DSR flow delivered to the backend (translated here for IPIP) */
 	DSR_IN_NO_SERVICE,    /* tunnel packet for no known service: left alone */
 	DSR_IN_MALFORMED,     /* encapsulation we cannot parse: left alone */
 	DSR_IN_ERROR,         /* a helper failed: dropped */
 	DSR_OUT_REVNAT,       /* reply source rewritten to the VIP */
 	DSR_OUT_ERROR,        /* a helper failed on a reply: sent unchanged */
-	DSR_REVNAT_FULL,      /* revnat entry could not be written */
+	DSR_REVNAT_FULL,      /* revnat or fragment record could not be written */
+	DSR_OUT_FRAG_FIRST,   /* first fragment of a reply rewritten (also counted in out_revnat), record kept */
+	DSR_OUT_FRAG_LATER,   /* later fragment of a reply rewritten from its record */
+	DSR_OUT_FRAG_UNKNOWN, /* later fragment without record (not a DSR reply, or its first fragment unseen): sent unchanged */
 	DSR_STAT_MAX,
 };
 

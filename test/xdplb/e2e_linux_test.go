@@ -489,8 +489,14 @@ func (c *lbCluster) waitFlows(n uint64) {
 	c.t.Fatalf("load balancer saw %d new flows, want %d", c.lbCounters()["ct_new"], n)
 }
 
-// tableOwner is the backend (by Maglev key) the current table gives a flow.
+// tableOwner is the backend (by Maglev key) the current table gives a TCP
+// flow.
 func tableOwner(t *testing.T, s xdp.Service, src, dst netip.AddrPort) string {
+	return tableOwnerProto(t, s, src, dst, 6)
+}
+
+// tableOwnerProto is tableOwner for a flow of IP protocol proto.
+func tableOwnerProto(t *testing.T, s xdp.Service, src, dst netip.AddrPort, proto uint8) string {
 	seed, _ := maglev.ParseSeed(e2eSeed)
 	var mb []maglev.Backend
 	for _, b := range s.Backends {
@@ -500,7 +506,7 @@ func tableOwner(t *testing.T, s xdp.Service, src, dst netip.AddrPort) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, ok := tab.LookupBackend(maglev.FlowHash(maglev.NewTuple(src, dst, 6), seed.DatapathSeed()))
+	b, ok := tab.LookupBackend(maglev.FlowHash(maglev.NewTuple(src, dst, proto), seed.DatapathSeed()))
 	if !ok {
 		return ""
 	}
@@ -617,19 +623,34 @@ func TestRestartKeepsServing(t *testing.T) {
 // TestPacketTooBigReachesBackend: the node's link to the client has a
 // smaller MTU than the client advertises, so full-size replies from a
 // backend make the node send ICMP "fragmentation needed" / "packet too big"
-// to the VIP. The load balancer must send it to the flow's backend and the
-// backend side must hand it to the backend's socket, which then lowers its
-// segment size: the 2 MB download completes (otherwise it stalls forever).
+// to the VIP. The load balancer must send it to the flow's backend the way
+// the flow's packets go (IPIP, Geneve, the service option; for SNAT
+// translated back like a reply), and the backend's socket must get it and
+// lower its segment size: the 2 MB download completes (otherwise it stalls
+// forever).
 func TestPacketTooBigReachesBackend(t *testing.T) {
 	c := newLBCluster(t)
 	node := c.env.Node().NetNSName()
 	ipRun(t, "-n", node, "link", "set", "dev", c.client.HostVeth(), "mtu", "1300")
+	v4, v6 := c.backendsOf(9000, false, false), c.backendsOf(9000, true, false)
 	c.sync([]xdp.Service{
-		{Frontend: ap("10.96.0.40:80"), Proto: mesh.TCP, Mode: mesh.DSR, Dispatch: mesh.IPIP, Backends: c.backendsOf(9000, false, false)},
-		{Frontend: ap("10.96.0.41:80"), Proto: mesh.TCP, Mode: mesh.DSR, Dispatch: mesh.Geneve, Backends: c.backendsOf(9000, false, false)},
-		{Frontend: ap("[fd00:96::40]:80"), Proto: mesh.TCP, Mode: mesh.DSR, Dispatch: mesh.IPIP, Backends: c.backendsOf(9000, true, false)},
+		{Frontend: ap("10.96.0.40:80"), Proto: mesh.TCP, Mode: mesh.DSR, Dispatch: mesh.IPIP, Backends: v4},
+		{Frontend: ap("10.96.0.41:80"), Proto: mesh.TCP, Mode: mesh.DSR, Dispatch: mesh.Geneve, Backends: v4},
+		{Frontend: ap("10.96.0.42:80"), Proto: mesh.TCP, Mode: mesh.DSR, Dispatch: mesh.IPOption, Backends: v4},
+		{Frontend: ap("10.96.0.43:80"), Proto: mesh.TCP, Mode: mesh.SNAT, Backends: v4},
+		{Frontend: ap("[fd00:96::40]:80"), Proto: mesh.TCP, Mode: mesh.DSR, Dispatch: mesh.IPIP, Backends: v6},
+		{Frontend: ap("[fd00:96::41]:80"), Proto: mesh.TCP, Mode: mesh.DSR, Dispatch: mesh.Geneve, Backends: v6},
+		{Frontend: ap("[fd00:96::42]:80"), Proto: mesh.TCP, Mode: mesh.DSR, Dispatch: mesh.IPOption, Backends: v6},
+		{Frontend: ap("[fd00:96::43]:80"), Proto: mesh.TCP, Mode: mesh.SNAT, Backends: v6},
 	})
-	for _, vip := range []string{"10.96.0.40:80", "10.96.0.41:80", "[fd00:96::40]:80"} {
+	for _, tc := range []struct {
+		vip  string
+		snat bool
+	}{
+		{"10.96.0.40:80", false}, {"10.96.0.41:80", false}, {"10.96.0.42:80", false}, {"10.96.0.43:80", true},
+		{"[fd00:96::40]:80", false}, {"[fd00:96::41]:80", false}, {"[fd00:96::42]:80", false}, {"[fd00:96::43]:80", true},
+	} {
+		vip := tc.vip
 		// Forget path MTUs learnt by the previous download.
 		for _, p := range c.backends {
 			ipRun(t, "-n", p.NetNSName(), "-4", "route", "flush", "cache")
@@ -653,8 +674,14 @@ func TestPacketTooBigReachesBackend(t *testing.T) {
 		if !res.OK {
 			t.Errorf("download from %s failed: %s", vip, res.Error)
 		}
-		if lb["tx_icmp"] == 0 || ds["in_icmp"] == 0 {
-			t.Errorf("%s: no ICMP error went to the backend (load balancer %d, backends %d)", vip, lb["tx_icmp"], ds["in_icmp"])
+		// DSR: the backend side delivers it (translating it for IPIP);
+		// SNAT: the load balancer translated it, the backend side sees
+		// plain ICMP.
+		if lb["tx_icmp"] == 0 || (ds["in_icmp"] == 0) != tc.snat {
+			t.Errorf("%s: ICMP errors: load balancer sent %d, backend side delivered %d", vip, lb["tx_icmp"], ds["in_icmp"])
+		}
+		if lb["pass_malformed"] != 0 || ds["in_malformed"] != 0 || ds["in_error"] != 0 {
+			t.Errorf("%s: load balancer %v, backends %v", vip, lb, ds)
 		}
 	}
 }

@@ -74,13 +74,17 @@ func (b builder) dnat(p pk, be xdp.Backend) []byte {
 }
 
 func (b builder) geneve(p pk, be xdp.Backend) []byte {
-	inner := b.dnat(p, be)
-	hash := b.hash(p)
+	return geneveOf(b.dnat(p, be), p.vlan, p.dst, be, p.tos, b.hash(p))
+}
+
+// geneveOf is inner (already bounced and DNATed) in the load balancer's
+// Geneve encapsulation to be's tunnel address, with svc in the option.
+func geneveOf(inner []byte, vlan uint16, svc netip.AddrPort, be xdp.Backend, tos uint8, hash uint32) []byte {
 	tun := tunnelOf(be)
-	n := ipLen(inner, p.vlan)
-	gh := geneveHdr(p.dst, n, hash)
-	outer := outerIP(nodeFor(tun), tun, 17, len(gh)+n, p.tos, hash)
-	return encap(inner, p.vlan, tun.Is4(), outer, gh)
+	n := ipLen(inner, vlan)
+	gh := geneveHdr(svc, n, hash)
+	outer := outerIP(nodeFor(tun), tun, 17, len(gh)+n, tos, hash)
+	return encap(inner, vlan, tun.Is4(), outer, gh)
 }
 
 func (b builder) opt(p pk, be xdp.Backend) []byte {
@@ -98,19 +102,7 @@ func (b builder) opt(p pk, be xdp.Backend) []byte {
 		exp = exp[:l2len(p.vlan)+ipLen(exp, p.vlan)]
 		return append(exp, in[l2len(p.vlan)+ipLen(in, p.vlan):]...)
 	}
-	f := swapped(q.bytes(b.t))
-	off := l2len(p.vlan)
-	nh := f[off+6]
-	opt := []byte{nh, 2, 0x1e, 18, 0, 0}
-	binary.BigEndian.PutUint16(opt[4:], p.dst.Port())
-	a := p.dst.Addr().As16()
-	opt = append(opt, a[:]...)
-	opt = append(opt, 1, 0)
-	f[off+6] = 60
-	binary.BigEndian.PutUint16(f[off+4:], binary.BigEndian.Uint16(f[off+4:])+24)
-	out := append([]byte(nil), f[:off+40]...)
-	out = append(out, opt...)
-	return append(out, f[off+40:]...)
+	return optInsert(swapped(q.bytes(b.t)), p.vlan, p.dst)
 }
 
 // snat is p from the node address and port to the backend, bounced.
@@ -134,28 +126,14 @@ func (b builder) reply(p pk, be xdp.Backend) (in, out []byte) {
 // from a router on the path of the reply of flow p (VIP -> client), sent to
 // the VIP.
 func (b builder) ptb(p pk, ttl uint8) []byte {
-	reply := pk{src: p.dst, dst: p.src, udp: p.udp, flags: "A", payload: bytes.Repeat([]byte{'x'}, 16)}
-	rb := reply.bytes(b.t)[14:] // the embedded packet (a prefix of it)
-	router := netip.MustParseAddr("203.0.113.1")
-	if !p.v4() {
-		router = netip.MustParseAddr("2001:db8:ffff::1")
+	return icmpErr(b.t, routerOf(p.v4()), p.dst.Addr(), replyOf(p.dst, p.src, p.udp), 0, ttl)
+}
+
+func routerOf(v4 bool) netip.Addr {
+	if v4 {
+		return netip.MustParseAddr("203.0.113.1")
 	}
-	if ttl == 0 {
-		ttl = 64
-	}
-	ls := l2(routerMAC, lbMAC, 0, p.v4())
-	if p.v4() {
-		ip := &layers.IPv4{Version: 4, TTL: ttl, Protocol: layers.IPProtocolICMPv4, SrcIP: router.AsSlice(), DstIP: p.dst.Addr().AsSlice()}
-		ic := &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(3, 4), Seq: 1400} // next-hop MTU 1400
-		ls = append(ls, ip, ic, gopacket.Payload(rb[:28+8]))
-	} else {
-		ip := &layers.IPv6{Version: 6, HopLimit: ttl, NextHeader: layers.IPProtocolICMPv6, SrcIP: router.AsSlice(), DstIP: p.dst.Addr().AsSlice()}
-		ic := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(2, 0)}
-		ic.SetNetworkLayerForChecksum(ip)
-		mtu := []byte{0, 0, 0x05, 0x00} // MTU 1280
-		ls = append(ls, ip, ic, gopacket.Payload(append(mtu, rb[:48+8]...)))
-	}
-	return serialize(b.t, ls...)
+	return netip.MustParseAddr("2001:db8:ffff::1")
 }
 
 func stats(n ...string) map[string]uint64 {
@@ -330,6 +308,84 @@ func fixtures(t testing.TB, m *model) []fixture {
 		out: b.ipipOf(ptb6, 0, false, 0, b.backend(f6), b.hash(f6)), counters: stats("tx_icmp")})
 	unknownFlow := pk{src: c4(clientPort + 99), dst: ap("10.96.99.99:80"), flags: "A"}
 	add(fixture{name: "ICMP frag-needed for another destination", in: b.ptb(unknownFlow, 0), verdict: xdp.XDPPass, counters: stats("pass_icmp")})
+
+	// ... the way the flow's own packets go: Geneve or the service option,
+	// translated here so the backend's socket gets it as is (outer
+	// destination and quoted source become the backend's, with the option
+	// the outer source the node address; checksums of the
+	// outer header, ICMP, quoted header and, when quoted, quoted TCP
+	// header follow). Expected: the error a router would send the backend
+	// about the reply the backend itself sent, from gopacket.
+	for i, p := range []pk{
+		{src: c4(clientPort + 30), dst: ap("10.96.0.3:80"), flags: "A"},
+		{src: c6(clientPort + 30), dst: ap("[fd00:96::3]:80"), flags: "A"},
+		{src: c4(clientPort + 31), dst: ap("10.96.0.4:80"), flags: "A"},
+		{src: c6(clientPort + 31), dst: ap("[fd00:96::4]:80"), flags: "A"},
+	} {
+		for _, quote := range []int{0, -1} { // 16 bytes past the header; the whole reply (TCP checksum quoted)
+			be := b.backend(p)
+			router := routerOf(p.v4())
+			in := icmpErr(t, router, p.dst.Addr(), replyOf(p.dst, p.src, false), quote, 0)
+			nat := swapped(icmpErr(t, router, be.Addr.Addr(), replyOf(be.Addr, p.src, false), quote, 0))
+			out, how := geneveOf(nat, 0, p.dst, be, 0, b.hash(p)), "Geneve"
+			if i >= 2 { // routed back through the router: from the node address
+				nat = swapped(icmpErr(t, nodeFor(router), be.Addr.Addr(), replyOf(be.Addr, p.src, false), quote, 0))
+				out, how = optInsert(nat, 0, p.dst), "the service option"
+			}
+			add(fixture{name: fmt.Sprintf("ICMP error about %s -> %s (quote %d): translated, by %s", p.src, p.dst, quote, how),
+				in: in, verdict: xdp.XDPTx, out: out, counters: stats("tx_icmp")})
+		}
+	}
+	// SNAT: translated back like the replies: from the node address to the
+	// backend, quoting the reply as the backend sent it (backend -> node
+	// address and port; its UDP checksum follows).
+	for _, p := range []pk{
+		{src: c4(clientPort + 20), dst: ap("10.96.0.2:53"), udp: true}, // SNATed above
+		{src: c6(clientPort + 20), dst: ap("[fd00:96::2]:53"), udp: true},
+	} {
+		be := b.backend(p)
+		node := netip.AddrPortFrom(nodeFor(p.src.Addr()), snatPort(b.hash(p)))
+		in := icmpErr(t, routerOf(p.v4()), p.dst.Addr(), replyOf(p.dst, p.src, true), 0, 0)
+		out := swapped(icmpErr(t, node.Addr(), be.Addr.Addr(), replyOf(be.Addr, node, true), 0, 0))
+		add(fixture{name: fmt.Sprintf("ICMP error about SNAT flow %s -> %s: translated back to %s", p.src, p.dst, be.Addr), in: in,
+			verdict: xdp.XDPTx, out: out, counters: stats("tx_icmp"), svc: map[string]bpf.XdplbXlbSvcStats{
+				xdp.FrontendString(p.dst, mesh.UDP): {Packets: 1, Bytes: uint64(len(in))}}})
+	}
+	noCT := pk{src: c4(clientPort + 40), dst: ap("10.96.0.2:53"), udp: true}
+	add(fixture{name: "ICMP error about a SNAT flow without conntrack entry (node port unknown)", in: b.ptb(noCT, 0),
+		verdict: xdp.XDPPass, counters: stats("pass_icmp")})
+
+	// A UDP reply larger than the backend's MTU comes back in fragments:
+	// each leaves from the VIP to the client, the first through lb_snat,
+	// the later ones from the first's record (gone with the last).
+	// Expected: the fragments of the datagram the client should get.
+	big := bytes.Repeat([]byte("0123456789abcdef"), 190) // 3040 bytes: 3 fragments at MTU 1500
+	for _, p := range []pk{
+		{src: c4(clientPort + 20), dst: ap("10.96.0.2:53"), udp: true},
+		{src: c6(clientPort + 20), dst: ap("[fd00:96::2]:53"), udp: true},
+	} {
+		be := b.backend(p)
+		node := netip.AddrPortFrom(nodeFor(p.src.Addr()), snatPort(b.hash(p)))
+		in := fragment(pk{src: be.Addr, dst: node, udp: true, payload: big}.bytes(t), 1500, 0x5151)
+		want := fragment(pk{src: p.dst, dst: p.src, udp: true, payload: big}.bytes(t), 1500, 0x5151)
+		svc := xdp.FrontendString(p.dst, mesh.UDP)
+		for i := range in {
+			ev := "frag_later"
+			if i == 0 {
+				ev = "frag_first"
+			}
+			add(fixture{name: fmt.Sprintf("fragment %d of %d of a SNAT reply %s -> %s", i+1, len(in), be.Addr, node), in: in[i],
+				verdict: xdp.XDPTx, out: swapped(want[i]), counters: stats("tx_snat_reply", ev),
+				svc: map[string]bpf.XdplbXlbSvcStats{svc: {Packets: 1, Bytes: uint64(len(in[i]))}}})
+		}
+		add(fixture{name: fmt.Sprintf("last fragment of %s again: its record is gone", be.Addr), in: in[len(in)-1],
+			verdict: xdp.XDPPass, counters: stats("pass_fragment", "frag_unknown")})
+		add(fixture{name: fmt.Sprintf("middle fragment of %s without its first", be.Addr), in: in[1],
+			verdict: xdp.XDPPass, counters: stats("pass_fragment", "frag_unknown")})
+		other := fragment(pk{src: netip.AddrPortFrom(be.Addr.Addr(), 9999), dst: node, udp: true, payload: big}.bytes(t), 1500, 0x5152)
+		add(fixture{name: fmt.Sprintf("first fragment to the node address from %s, no SNAT flow", be.Addr), in: other[0],
+			verdict: xdp.XDPPass, counters: stats("pass_fragment")})
+	}
 	return fs
 }
 

@@ -55,6 +55,8 @@ func fixtureServices() []xdp.Service {
 		{Frontend: ap("[fd00:96::4]:80"), Proto: mesh.TCP, Mode: mesh.DSR, Dispatch: mesh.IPOption, Backends: three6},
 		{Frontend: ap("10.96.0.10:53"), Proto: mesh.UDP, Mode: mesh.DSR, Backends: []xdp.Backend{
 			be("10.1.0.1:53", 1), be("10.1.0.2:53", 3), be("10.1.0.3:53", 0), be("10.1.0.4:53", 2)}},
+		{Frontend: ap("10.96.0.11:53"), Proto: mesh.UDP, Mode: mesh.DSR, Dispatch: mesh.IPOption, Backends: three4},
+		{Frontend: ap("[fd00:96::10]:53"), Proto: mesh.UDP, Mode: mesh.DSR, Dispatch: mesh.Geneve, Backends: three6},
 	}
 }
 

@@ -1,6 +1,7 @@
 package xdplb
 
 import (
+	"bytes"
 	"encoding/binary"
 	"net"
 	"net/netip"
@@ -264,4 +265,122 @@ func geneveHdr(svc netip.AddrPort, innerLen int, hash uint32) []byte {
 	binary.BigEndian.PutUint16(u[2:], 6081)
 	binary.BigEndian.PutUint16(u[4:], uint16(8+len(g)+innerLen))
 	return append(u, g...)
+}
+
+// replyOf is a reply from src to dst (TCP ACK or UDP, 16 bytes of payload)
+// as an ICMP error quotes it.
+func replyOf(src, dst netip.AddrPort, udp bool) pk {
+	return pk{src: src, dst: dst, udp: udp, flags: "A", payload: bytes.Repeat([]byte{'x'}, 16)}
+}
+
+// icmpErr is an ICMP "fragmentation needed" (IPv4, next-hop MTU 1400) or an
+// ICMPv6 "packet too big" (MTU 1280) from src to dst, quoting the first
+// quote bytes of the IP packet of reply (0: its IP header and 16 bytes
+// after it, which holds a UDP header's checksum but not a TCP header's; -1:
+// all of it). A
+// router sends it to the load balancer; checksums computed by gopacket.
+func icmpErr(t testing.TB, src, dst netip.Addr, reply pk, quote int, ttl uint8) []byte {
+	t.Helper()
+	rb := reply.bytes(t)[14:]
+	if quote < 0 {
+		quote = len(rb)
+	}
+	if quote == 0 {
+		quote = 20 + 16
+		if !src.Is4() {
+			quote = 40 + 16
+		}
+	}
+	if ttl == 0 {
+		ttl = 64
+	}
+	ls := l2(routerMAC, lbMAC, 0, src.Is4())
+	if src.Is4() {
+		ip := &layers.IPv4{Version: 4, TTL: ttl, Protocol: layers.IPProtocolICMPv4, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
+		ic := &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(3, 4), Seq: 1400} // next-hop MTU 1400
+		return serialize(t, append(ls, ip, ic, gopacket.Payload(rb[:quote]))...)
+	}
+	ip := &layers.IPv6{Version: 6, HopLimit: ttl, NextHeader: layers.IPProtocolICMPv6, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
+	ic := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(2, 0)}
+	ic.SetNetworkLayerForChecksum(ip)
+	mtu := []byte{0, 0, 0x05, 0x00} // MTU 1280
+	return serialize(t, append(ls, ip, ic, gopacket.Payload(append(mtu, rb[:quote]...)))...)
+}
+
+// fragment splits the IP datagram of frame (Ethernet, no VLAN; IPv4
+// without options or IPv6 without extension headers) into fragments of at
+// most mtu bytes, first to last, as Linux sends them: IPv4 keeps the
+// header's identification; IPv6 gets a fragment header with identification
+// id6. Header checksums are computed here.
+func fragment(frame []byte, mtu int, id6 uint32) [][]byte {
+	eth, ipb := frame[:14], frame[14:]
+	var out [][]byte
+	if ipb[0]>>4 == 4 {
+		hdr, data := ipb[:20], ipb[20:binary.BigEndian.Uint16(ipb[2:])]
+		step := (mtu - 20) &^ 7
+		for off := 0; off < len(data); off += step {
+			n := min(step, len(data)-off)
+			h := append([]byte(nil), hdr...)
+			binary.BigEndian.PutUint16(h[2:], uint16(20+n))
+			fo := uint16(off / 8)
+			if off+n < len(data) {
+				fo |= 0x2000 // more fragments
+			}
+			binary.BigEndian.PutUint16(h[6:], fo)
+			h[10], h[11] = 0, 0
+			binary.BigEndian.PutUint16(h[10:], csum(h))
+			f := append(append(append([]byte(nil), eth...), h...), data[off:off+n]...)
+			out = append(out, f)
+		}
+		return out
+	}
+	hdr, data := ipb[:40], ipb[40:40+int(binary.BigEndian.Uint16(ipb[4:]))]
+	step := (mtu - 48) &^ 7
+	for off := 0; off < len(data); off += step {
+		n := min(step, len(data)-off)
+		h := append([]byte(nil), hdr...)
+		binary.BigEndian.PutUint16(h[4:], uint16(8+n))
+		h[6] = 44
+		fh := make([]byte, 8)
+		fh[0] = hdr[6]
+		fo := uint16(off)
+		if off+n < len(data) {
+			fo |= 1
+		}
+		binary.BigEndian.PutUint16(fh[2:], fo)
+		binary.BigEndian.PutUint32(fh[4:], id6)
+		f := append(append(append(append([]byte(nil), eth...), h...), fh...), data[off:off+n]...)
+		out = append(out, f)
+	}
+	return out
+}
+
+// optInsert inserts Shunt's service option into the IP packet of frame (no
+// options or extension headers yet): the 8-byte IPv4 option 158 (header
+// checksum recomputed) or a 24-byte IPv6 Destination Options header with
+// option 0x1e.
+func optInsert(f []byte, vlan uint16, svc netip.AddrPort) []byte {
+	off := l2len(vlan)
+	out := append([]byte(nil), f[:off]...)
+	if f[off]>>4 == 4 {
+		h := append([]byte(nil), f[off:off+20]...)
+		h[0] = 0x47
+		binary.BigEndian.PutUint16(h[2:], binary.BigEndian.Uint16(h[2:])+8)
+		a := svc.Addr().As4()
+		h = append(h, 0x9e, 8, byte(svc.Port()>>8), byte(svc.Port()))
+		h = append(h, a[:]...)
+		h[10], h[11] = 0, 0
+		binary.BigEndian.PutUint16(h[10:], csum(h))
+		out = append(out, h...)
+		return append(out, f[off+20:]...)
+	}
+	h := append([]byte(nil), f[off:off+40]...)
+	opt := []byte{h[6], 2, 0x1e, 18, byte(svc.Port() >> 8), byte(svc.Port())}
+	a := svc.Addr().As16()
+	opt = append(opt, a[:]...)
+	opt = append(opt, 1, 0)
+	h[6] = 60
+	binary.BigEndian.PutUint16(h[4:], binary.BigEndian.Uint16(h[4:])+24)
+	out = append(append(out, h...), opt...)
+	return append(out, f[off+40:]...)
 }

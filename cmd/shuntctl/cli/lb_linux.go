@@ -102,6 +102,9 @@ func lbStatus(c *agent.Client, args []string, w io.Writer) error {
 	if len(st.Generic) > 0 {
 		fmt.Fprintf(w, "WARNING: generic (slow) XDP on %v: the driver refused native mode\n", st.Generic)
 	}
+	for _, p := range st.LinkProblems {
+		fmt.Fprintf(w, "UNHEALTHY: %s (the agent's resync attaches it again)\n", p)
+	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "\nLINK\tDEVICE\tKIND\tLINK ID\tPROG ID")
 	for _, l := range st.Links {
