@@ -347,3 +347,9 @@ func (n *Node) EndpointSlice(ctx context.Context, svc *corev1.Service, pods ...*
 	sl.ResourceVersion = old.ResourceVersion
 	return n.c.Update(ctx, sl)
 }
+
+// Kill sends sig to the main process of the runtime's container id.
+func (n *Node) Kill(ctx context.Context, id string, sig syscall.Signal) error {
+	_, err := n.ctrRun(ctx, "tasks", "kill", "--signal", strconv.Itoa(int(sig)), id)
+	return err
+}
