@@ -38,22 +38,20 @@ const deviceSocket = "/var/lib/kubelet/device-plugins/kubelet.sock"
 // HostSnapshot is the part of the machine a node may change.
 type HostSnapshot struct {
 	Sysctls map[string]string
-	// Paths are the watched host paths that exist.
-	Paths map[string]bool
 	// Links are the host's bridge and veth interfaces.
 	Links []string
 	// Mounts are mount points of a node (private folders, watched paths).
 	Mounts []string
 	// Cgroups are shunt-kubenode-* cgroups in any hierarchy.
 	Cgroups []string
-	// Entries are files in /tmp named shunt-kubenode-*, in
-	// /var/log/containers, in /var/lib/cni/results.
+	// Entries are the watched host paths and everything below them, and
+	// the shunt-kubenode-* folders in the temporary folder.
 	Entries []string
 }
 
 // TakeHostSnapshot records the parts of the machine a node may change.
 func TakeHostSnapshot() (HostSnapshot, error) {
-	s := HostSnapshot{Sysctls: map[string]string{}, Paths: map[string]bool{}}
+	s := HostSnapshot{Sysctls: map[string]string{}}
 	var errs []error
 	for _, k := range watchedSysctls {
 		v, err := os.ReadFile(filepath.Join("/proc/sys", k))
@@ -62,11 +60,6 @@ func TakeHostSnapshot() (HostSnapshot, error) {
 			continue
 		}
 		s.Sysctls[k] = strings.TrimSpace(string(v))
-	}
-	for _, p := range watchedPaths {
-		if _, err := os.Lstat(p); err == nil {
-			s.Paths[p] = true
-		}
 	}
 	ifs, err := net.Interfaces()
 	errs = append(errs, err)
@@ -88,9 +81,15 @@ func TakeHostSnapshot() (HostSnapshot, error) {
 		found, _ := filepath.Glob(filepath.Join(h, "shunt-kubenode-*"))
 		s.Cgroups = append(s.Cgroups, found...)
 	}
-	for _, g := range []string{filepath.Join(os.TempDir(), "shunt-kubenode-*"), "/var/log/containers/*", "/var/lib/cni/results/*"} {
-		found, _ := filepath.Glob(g)
-		s.Entries = append(s.Entries, found...)
+	found, _ := filepath.Glob(filepath.Join(os.TempDir(), "shunt-kubenode-*"))
+	s.Entries = append(s.Entries, found...)
+	for _, p := range watchedPaths {
+		_ = filepath.WalkDir(p, func(path string, d os.DirEntry, err error) error {
+			if err == nil {
+				s.Entries = append(s.Entries, path)
+			}
+			return nil
+		})
 	}
 	for _, l := range [][]string{s.Links, s.Mounts, s.Cgroups, s.Entries} {
 		sort.Strings(l)
@@ -107,17 +106,14 @@ func underAny(p string, dirs []string) bool {
 	return false
 }
 
-// Diff lists what differs from before (empty: the machine is as it was).
+// Diff lists what a node left compared with before: changed sysctls, new
+// links, mounts, cgroups and files (leftovers of an earlier killed run that
+// Start removed are not differences).
 func (s HostSnapshot) Diff(before HostSnapshot) []string {
 	var out []string
 	for _, k := range watchedSysctls {
 		if s.Sysctls[k] != before.Sysctls[k] {
 			out = append(out, fmt.Sprintf("sysctl %s = %s, was %s", k, s.Sysctls[k], before.Sysctls[k]))
-		}
-	}
-	for _, p := range watchedPaths {
-		if s.Paths[p] != before.Paths[p] {
-			out = append(out, fmt.Sprintf("path %s exists: %v, was %v", p, s.Paths[p], before.Paths[p]))
 		}
 	}
 	for _, l := range []struct {
@@ -127,11 +123,6 @@ func (s HostSnapshot) Diff(before HostSnapshot) []string {
 		for _, x := range l.now {
 			if !slices.Contains(l.then, x) {
 				out = append(out, fmt.Sprintf("new %s %s", l.what, x))
-			}
-		}
-		for _, x := range l.then {
-			if !slices.Contains(l.now, x) {
-				out = append(out, fmt.Sprintf("%s %s gone", l.what, x))
 			}
 		}
 	}
@@ -148,18 +139,20 @@ func recordHost() *hostState {
 	h := &hostState{}
 	h.before, h.err = TakeHostSnapshot()
 	if h.err == nil {
-		if _, err := os.Lstat(deviceSocket); err == nil {
+		if c, err := net.Dial("unix", deviceSocket); err == nil {
 			// Another kubelet's device manager: ours would take its socket.
-			h.err = fmt.Errorf("%s exists: a kubelet seems to run on this machine; refusing to start a second one", deviceSocket)
+			c.Close()
+			h.err = fmt.Errorf("a kubelet listens on %s: refusing to start a second one on this machine", deviceSocket)
 		}
 	}
 	return h
 }
 
-// restore writes back the sysctls that changed and removes what the node
-// created outside its private folder (dir): watched paths that did not
-// exist, else only the node's entries in them.
-func (h *hostState) restore(dir string) []error {
+// restore writes back the sysctls that changed and removes what appeared in
+// the watched host paths since the node started (no container runtime or
+// kubelet of the machine runs there: Start refuses to run next to a
+// kubelet), deepest first; what was there before is never touched.
+func (h *hostState) restore() []error {
 	var errs []error
 	for k, v := range h.before.Sysctls {
 		cur, err := os.ReadFile(filepath.Join("/proc/sys", k))
@@ -170,34 +163,18 @@ func (h *hostState) restore(dir string) []error {
 			errs = append(errs, fmt.Errorf("restore sysctl %s=%s: %w", k, v, err))
 		}
 	}
+	var created []string
 	for _, p := range watchedPaths {
-		if h.before.Paths[p] {
-			continue
-		}
-		if err := os.RemoveAll(p); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if h.before.Paths["/var/lib/kubelet"] {
-		if err := os.Remove(deviceSocket); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, err)
-		}
-	}
-	// Log links into the node's folder, libcni cache files of its network.
-	if links, err := filepath.Glob("/var/log/containers/*"); err == nil {
-		for _, l := range links {
-			if target, err := os.Readlink(l); err == nil && strings.HasPrefix(target, dir+"/") {
-				if err := os.Remove(l); err != nil {
-					errs = append(errs, err)
-				}
+		_ = filepath.WalkDir(p, func(path string, d os.DirEntry, err error) error {
+			if err == nil && !slices.Contains(h.before.Entries, path) {
+				created = append(created, path)
 			}
-		}
+			return nil
+		})
 	}
-	if files, err := filepath.Glob("/var/lib/cni/results/" + NetworkName + "-*"); err == nil {
-		for _, f := range files {
-			if err := os.Remove(f); err != nil {
-				errs = append(errs, err)
-			}
+	for i := len(created) - 1; i >= 0; i-- { // children after parents in walk order
+		if err := os.Remove(created[i]); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
 		}
 	}
 	return errs

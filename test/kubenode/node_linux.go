@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -152,6 +153,7 @@ func (n *Node) start() error {
 		return fmt.Errorf("lock %s: %w", assets, err)
 	}
 
+	n.reapStale()
 	n.id = randID()
 	n.cgroupName = "shunt-kubenode-" + n.id
 	n.dir = filepath.Join(os.TempDir(), n.cgroupName)
@@ -160,6 +162,12 @@ func (n *Node) start() error {
 	}
 	n.host = recordHost()
 	if err := n.host.err; err != nil {
+		return err
+	}
+	// For the next Start, should this test binary be killed.
+	if data, err := json.Marshal(n.host.before); err != nil {
+		return err
+	} else if err := os.WriteFile(filepath.Join(n.dir, hostRecord), data, 0o600); err != nil {
 		return err
 	}
 	if err := n.makeCgroups(); err != nil {
@@ -175,6 +183,49 @@ func (n *Node) start() error {
 		return err
 	}
 	return n.startKubelet(bins["kubelet"])
+}
+
+// hostRecord is the file in the private folder holding the machine's state
+// before the node started (HostSnapshot, JSON).
+const hostRecord = "host.json"
+
+// reapStale removes what a killed run left (it could not clean up): its
+// cgroups and their processes (shims and containers outlive a killed test),
+// the mounts, the bridge, the sysctls and host paths as its record says they
+// were, and its private folder. Start holds the lock, so no live node owns
+// them.
+func (n *Node) reapStale() {
+	hs, err := cgroupHierarchies()
+	if err != nil {
+		return
+	}
+	stale := map[string]bool{}
+	for _, g := range []string{filepath.Join(hs[0], "shunt-kubenode-*"), filepath.Join(os.TempDir(), "shunt-kubenode-*")} {
+		found, _ := filepath.Glob(g)
+		for _, f := range found {
+			stale[filepath.Base(f)] = true
+		}
+	}
+	for name := range stale {
+		n.t.Logf("kubenode: removing the leftovers of a killed run: %s", name)
+		report := func(err error) {
+			if err != nil {
+				n.t.Logf("kubenode: leftovers of %s: %v", name, err)
+			}
+		}
+		dir := filepath.Join(os.TempDir(), name)
+		report(killCgroup(filepath.Join(hs[0], name)))
+		report(unmountUnder(dir))
+		for i := len(hs) - 1; i >= 0; i-- {
+			report(removeCgroupTree(filepath.Join(hs[i], name)))
+		}
+		report(deleteBridge())
+		var before HostSnapshot
+		if data, err := os.ReadFile(filepath.Join(dir, hostRecord)); err == nil && json.Unmarshal(data, &before) == nil {
+			report(errors.Join((&hostState{before: before}).restore()...))
+		}
+		report(os.RemoveAll(dir))
+	}
 }
 
 // findBinaries finds what the node runs; any missing one is an error.
@@ -694,7 +745,7 @@ func (n *Node) cleanup() {
 	}
 	// 8. Sysctls and host paths.
 	if n.host != nil {
-		for _, err := range n.host.restore(n.dir) {
+		for _, err := range n.host.restore() {
 			report("%v", err)
 		}
 	}
