@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command podapp is the program of the test pods' image (test/kubenode): the
 // harness helper apps (serve, connect, stream, info, pause, sidecar) as a
 // static binary, run as `podapp <app> [args]`. The apps use only the
