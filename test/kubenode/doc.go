@@ -54,5 +54,6 @@
 // conditions) and force-delete pods (Node.DeletePod). Pods do not mount a
 // ServiceAccount token (no kube-root-ca.crt ConfigMap is published).
 //
-// Missing binaries or kernel features fail the test; it never skips as root.
+// As root, missing binaries or kernel features fail the test, never skip it;
+// without root it skips (and fails when $CI is set), as test/harness does.
 package kubenode

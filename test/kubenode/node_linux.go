@@ -90,7 +90,12 @@ type Node struct {
 func Start(t testing.TB, cp *kube.ControlPlane, opts Options) *Node {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Fatalf("kubenode: a real node needs root")
+		// As test/harness: privileged tests skip without root, except in
+		// CI, where they must run.
+		if os.Getenv("CI") != "" {
+			t.Fatalf("kubenode: a real node needs root")
+		}
+		t.Skip("kubenode: a real node needs root")
 	}
 	if opts.Name == "" {
 		opts.Name = "shunt-kubenode"
