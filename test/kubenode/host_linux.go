@@ -55,6 +55,9 @@ func TakeHostSnapshot() (HostSnapshot, error) {
 	var errs []error
 	for _, k := range watchedSysctls {
 		v, err := os.ReadFile(filepath.Join("/proc/sys", k))
+		if errors.Is(err, os.ErrNotExist) {
+			continue // e.g. IPv6 disabled: nothing can change it
+		}
 		if err != nil {
 			errs = append(errs, err)
 			continue
