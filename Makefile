@@ -8,11 +8,12 @@ all: build
 build:
 	$(GO) build -o bin/ ./cmd/...
 
-# Also builds the real Kubernetes control plane the tests run (kube-apiserver
-# from the Go module proxy, cached outside the clone; skipped when present).
+# Also builds the real Kubernetes binaries the tests run (kube-apiserver, and
+# the kubelet of test/kubenode's real node) from the Go module proxy, cached
+# outside the clone; skipped when present.
 deps:
 	./scripts/install-deps.sh
-	./scripts/build-k8s.sh kube-apiserver
+	./scripts/build-k8s.sh kube-apiserver kubelet
 
 # Regenerate the bpf2go bindings and objects (needs clang-19, llvm-strip-19).
 generate:

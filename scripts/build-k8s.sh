@@ -8,7 +8,8 @@
 # etcd is a symlink to the Debian etcd-server package's etcd (and kubectl to
 # the machine's, if any), so the directory is a complete KUBEBUILDER_ASSETS for
 # sigs.k8s.io/controller-runtime/pkg/envtest. Binaries that already exist are
-# not rebuilt (a cold kube-apiserver build takes about 11 minutes on 2 cores).
+# not rebuilt (a cold kube-apiserver build takes about 11 minutes on 2 cores,
+# the kubelet about 5 more).
 #
 # Usage: scripts/build-k8s.sh [kube-apiserver] [kubelet]   (default: kube-apiserver)
 #        scripts/build-k8s.sh --print-dir                   (prints the cache dir)
@@ -65,7 +66,7 @@ if ((${#pkgs[@]} == 0)); then
 	exit 0
 fi
 
-echo "build-k8s: building ${pkgs[*]} $version into $dir (cold: about 11 minutes on 2 cores)"
+echo "build-k8s: building ${pkgs[*]} $version into $dir (cold on 2 cores: kube-apiserver about 11 minutes, the kubelet about 5 more)"
 tmp=$(mktemp -d "$dir/.build.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 start=$SECONDS

@@ -2,7 +2,11 @@
 # Installs what Shunt's build, demo and tests need on a fresh Debian 12 machine
 # (root). Idempotent: packages already present are not fetched again.
 set -euo pipefail
-pkgs=(clang-19 llvm-19 libbpf-dev linux-libc-dev iproute2 iptables haproxy iperf3 util-linux curl ethtool etcd-server)
+# containerd, runc and containernetworking-plugins run the real node of
+# test/kubenode (its own private config and socket; the packages' service is
+# never started by the tests).
+pkgs=(clang-19 llvm-19 libbpf-dev linux-libc-dev iproute2 iptables haproxy iperf3 util-linux curl ethtool etcd-server
+	containerd runc containernetworking-plugins)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

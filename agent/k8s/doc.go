@@ -33,6 +33,24 @@
 // cookie the datapath keys pods by. A pod whose sandbox has no process yet
 // is retried.
 //
+// # Sidecars
+//
+// An enrolled pod gets sidecar steering (mesh.Pod.Sidecar) when Istio
+// injected it (annotation sidecar.istio.io/status, or a container named
+// istio-proxy, also as a native sidecar init container) or when
+// shunt.dev/sidecar is "true"; shunt.dev/sidecar "false" and
+// sidecar.istio.io/interceptionMode NONE turn it off. Istio's traffic
+// annotations are honoured with Istio's syntax:
+// traffic.sidecar.istio.io/excludeOutboundPorts, excludeOutboundIPRanges,
+// includeOutboundIPRanges ("*": every destination, empty: none) and
+// excludeInboundPorts. The proxy's uid is shunt.dev/sidecar-uid, else the
+// istio-proxy container's runAsUser, else 1337; its listeners
+// shunt.dev/sidecar-outbound-port and shunt.dev/sidecar-inbound-port (15001,
+// 15006). A value that cannot be read exactly leaves the pod enrolled
+// without steering, logged and counted
+// (shunt_k8s_rejected_total{reason="annotation"}); includeOutboundPorts and
+// a restricting includeInboundPorts are reported and ignored.
+//
 // # Changes and resilience
 //
 // Event handlers only mark keys dirty; one worker gathers the dirty keys for

@@ -3,6 +3,7 @@ package k8s_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"os"
@@ -426,7 +427,15 @@ func (f *fixture) dump() string {
 		b.WriteString(m + "\n")
 	}
 	for _, p := range st.Pods {
-		fmt.Fprintf(&b, "pod %s socketLB=%s sockmap=%s\n", p.Name, p.SocketLB, p.Sockmap)
+		fmt.Fprintf(&b, "pod %s socketLB=%s sockmap=%s", p.Name, p.SocketLB, p.Sockmap)
+		if p.Sidecar != nil {
+			js, err := json.Marshal(p.Sidecar)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fmt.Fprintf(&b, " sidecar=%s", js)
+		}
+		b.WriteString("\n")
 	}
 	pods, err := f.a.Datapath().ReadPods()
 	if err != nil {
@@ -444,7 +453,11 @@ func (f *fixture) dump() string {
 		if n == "" {
 			n = fmt.Sprintf("unknown-netns-%d", c)
 		}
-		pl = append(pl, fmt.Sprintf("podmap %s socklb=%d", n, info.Socklb))
+		line := fmt.Sprintf("podmap %s socklb=%d", n, info.Socklb)
+		if info.Flags&datapath.PodFlagSidecar != 0 {
+			line += " sidecar"
+		}
+		pl = append(pl, line)
 	}
 	sort.Strings(pl)
 	for _, p := range pl {

@@ -636,7 +636,7 @@ func (s *Source) computePod(c *change, key string) {
 		s.retry["pod:"+key] = time.Now().Add(retryNoProcess)
 		return
 	}
-	p := mesh.Pod{Name: PodName(pod.Namespace, pod.Name), NetNS: ref.path, Sockmap: e.Sockmap, UID: string(pod.UID)}
+	p := mesh.Pod{Name: PodName(pod.Namespace, pod.Name), NetNS: ref.path, Sockmap: e.Sockmap, UID: string(pod.UID), Sidecar: e.Sidecar}
 	if !s.inherit {
 		p.SocketLB = mesh.Translate
 	}

@@ -341,6 +341,9 @@ type Enrollment struct {
 	// Why explains a pod left out (debug logs, tests).
 	Why     string
 	Sockmap mesh.SockmapMode
+	// Sidecar is the pod's sidecar proxy (PodSidecar); nil: none, or its
+	// traffic annotations could not be read.
+	Sidecar *mesh.Sidecar
 }
 
 // PodEnrollment decides whether pod is enrolled: its namespace has
@@ -371,6 +374,11 @@ func PodEnrollment(ns *corev1.Namespace, pod *corev1.Pod) (Enrollment, []Problem
 	}
 	if e.Enrolled && (pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed) {
 		e.Enrolled, e.Why = false, "pod finished"
+	}
+	if e.Enrolled {
+		var sp []Problem
+		e.Sidecar, sp = PodSidecar(pod)
+		probs = append(probs, sp...)
 	}
 	for _, src := range []struct {
 		what string

@@ -119,17 +119,22 @@ type sidecarCfg struct {
 	bufSize int
 	dialTO  time.Duration
 	ctr     *sidecarCounters
+	// logConn, when set, prints each accepted connection's original
+	// destination (--log-conns).
+	logConn func(role string, orig netip.AddrPort)
 }
 
 // sidecar [--outbound ADDR:PORT]... [--inbound ADDR:PORT]... [--mode epoll|blocking]
-// [--buf BYTES] [--dial-timeout D]
+// [--buf BYTES] [--dial-timeout D] [--log-conns]
 //
 // Defaults: outbound 127.0.0.1:15001 and [::1]:15001, inbound 0.0.0.0:15006
 // and [::]:15006 (v6 listeners are v6-only). --mode epoll relays with Go's
 // netpoller (a goroutine per direction); --mode blocking with raw blocking
 // read/write syscalls (a thread per direction). Prints "LISTEN <role> <addr>"
 // per listener, then "READY"; "STATS <json>" (SidecarStats) on SIGUSR1 and
-// when it exits on SIGTERM/SIGINT. Run it as uid/gid 1337.
+// when it exits on SIGTERM/SIGINT; with --log-conns "CONN <role> <original
+// destination>" per connection whose original destination it learned. Run it
+// as uid/gid 1337.
 func appSidecar(args []string) int {
 	fs := flag.NewFlagSet("sidecar", flag.ContinueOnError)
 	var outbound, inbound stringList
@@ -138,6 +143,7 @@ func appSidecar(args []string) int {
 	mode := fs.String("mode", "epoll", "epoll (Go netpoller) or blocking (raw blocking syscalls)")
 	bufSize := fs.Int("buf", 64<<10, "relay buffer per direction")
 	dialTO := fs.Duration("dial-timeout", 10*time.Second, "upstream connect timeout (epoll mode)")
+	logConns := fs.Bool("log-conns", false, "print CONN <role> <original destination> per connection")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -155,6 +161,13 @@ func appSidecar(args []string) int {
 	signal.Notify(usr1, syscall.SIGUSR1)
 	cfg := &sidecarCfg{mode: *mode, bufSize: *bufSize, dialTO: *dialTO, ctr: &sidecarCounters{}}
 	var out sync.Mutex // one writer of stdout lines
+	if *logConns {
+		cfg.logConn = func(role string, orig netip.AddrPort) {
+			out.Lock()
+			fmt.Printf("CONN %s %s\n", role, orig)
+			out.Unlock()
+		}
+	}
 	printStats := func() {
 		b, _ := json.Marshal(cfg.ctr.snapshot())
 		out.Lock()
@@ -312,6 +325,13 @@ func (cfg *sidecarCfg) handle(down relayConn, bound netip.AddrPort, inbound bool
 		return
 	}
 	ctr.origDstOK.Add(1)
+	if cfg.logConn != nil {
+		role := "outbound"
+		if inbound {
+			role = "inbound"
+		}
+		cfg.logConn(role, orig)
+	}
 	var target netip.AddrPort
 	if inbound {
 		if orig.Port() == bound.Port() {
