@@ -25,14 +25,16 @@ type xdpState struct {
 }
 
 // XDPServices selects the services the XDP load balancer balances (algorithm
-// maglev) and converts them. Backends outside the active set (weight 0, or
+// maglev, and the north-south frontends — NodePort, LoadBalancer ingress,
+// externalIPs — which clients outside the node reach through its NICs) and
+// converts them. Backends outside the active set (weight 0, or
 // terminating while an active one is left) get weight 0: no new flows, but
 // the backend side still knows them for established ones.
 func XDPServices(st *mesh.State) []xdp.Service {
 	var out []xdp.Service
 	for i := range st.Services {
 		s := &st.Services[i]
-		if s.Algorithm != mesh.Maglev {
+		if s.Algorithm != mesh.Maglev && !s.Kind.NorthSouth() {
 			continue
 		}
 		active := map[string]uint32{}
