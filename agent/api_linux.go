@@ -90,16 +90,35 @@ func (a *Agent) Handler(reg *prometheus.Registry) http.Handler {
 	return mux
 }
 
-// Healthy reports whether every program is still attached through its link.
+// Healthy reports whether every program is still attached through its
+// pinned link (the socket programs, and the XDP load balancer's when it
+// runs).
 func (a *Agent) Healthy() error {
 	links := a.dp.Links()
 	if len(links) == 0 {
 		return errors.New("no program attached")
 	}
 	for _, l := range links {
-		if _, err := os.Stat(l.Pinned); err != nil {
-			return fmt.Errorf("link %s: %w", l.Program, err)
+		if err := linkHealthy(l.Program, l.Pinned, l.Attached); err != nil {
+			return err
 		}
+	}
+	if x := a.XDP(); x != nil {
+		for _, l := range x.Links() {
+			if err := linkHealthy(l.Name, l.Pinned, l.Attached); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func linkHealthy(name, pinned string, attached bool) error {
+	if _, err := os.Stat(pinned); err != nil {
+		return fmt.Errorf("link %s: %w", name, err)
+	}
+	if !attached {
+		return fmt.Errorf("link %s: detached (its program no longer runs; restart shuntd to re-attach)", name)
 	}
 	return nil
 }
