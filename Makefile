@@ -9,10 +9,12 @@ build:
 	$(GO) build -o bin/ ./cmd/...
 
 # Also builds the real Kubernetes control plane the tests run (kube-apiserver
-# from the Go module proxy, cached outside the clone; skipped when present).
+# from the Go module proxy, cached outside the clone; skipped when present)
+# and helm for the chart's tests (same way, scripts/build-helm.sh).
 deps:
 	./scripts/install-deps.sh
 	./scripts/build-k8s.sh kube-apiserver
+	./scripts/build-helm.sh
 
 # Regenerate the bpf2go bindings and objects (needs clang-19, llvm-strip-19).
 generate:

@@ -8,8 +8,10 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -42,6 +44,8 @@ func main() {
 	kube := flag.Bool("kubernetes", false, "enable the Kubernetes source with the in-cluster configuration (also enabled by -kubeconfig or a kubernetes: section)")
 	kubeconfig := flag.String("kubeconfig", "", "kubeconfig file of the cluster (enables the Kubernetes source)")
 	nodeName := flag.String("node-name", "", "this node's name in the cluster (default $NODE_NAME, else the host name)")
+	seedFile := flag.String("xdp-seed-file", "", "file holding xdp.seed, the cluster-wide Maglev seed (e.g. a mounted Secret; overrides the file's)")
+	nodeAddr := flag.String("xdp-node-addr", "", "this node's address for XDP encapsulation and SNAT: sets xdp.nodeAddr or xdp.nodeAddr6 by its family when the file leaves it empty")
 	flag.Parse()
 
 	var lvl slog.Level
@@ -82,6 +86,26 @@ func main() {
 	if (*kube || *kubeconfig != "" || *nodeName != "") && cfg.Kubernetes == nil {
 		cfg.Kubernetes = &agent.KubernetesConfig{}
 	}
+	if *seedFile != "" {
+		seed, err := os.ReadFile(*seedFile)
+		if err != nil {
+			log.Error("-xdp-seed-file", "err", err)
+			os.Exit(1)
+		}
+		cfg.XDP.Seed = strings.TrimSpace(string(seed))
+	}
+	if *nodeAddr != "" {
+		a, err := netip.ParseAddr(*nodeAddr)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "shuntd: -xdp-node-addr:", err)
+			os.Exit(2)
+		}
+		if a.Unmap().Is4() && cfg.XDP.NodeAddr == "" {
+			cfg.XDP.NodeAddr = a.Unmap().String()
+		} else if !a.Unmap().Is4() && cfg.XDP.NodeAddr6 == "" {
+			cfg.XDP.NodeAddr6 = a.String()
+		}
+	}
 	if cfg.Kubernetes != nil {
 		if *kubeconfig != "" {
 			cfg.Kubernetes.Kubeconfig = *kubeconfig
@@ -91,6 +115,14 @@ func main() {
 		}
 	}
 	if *validate {
+		if cfg.Datapath.Cgroup == "" { // what agent.New does: the cgroup v2 root
+			root, err := agent.CgroupV2Root()
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "shuntd: invalid configuration:", err)
+				os.Exit(1)
+			}
+			cfg.Datapath.Cgroup = root
+		}
 		if err := cfg.WithDefaults().Validate(); err != nil {
 			fmt.Fprintln(os.Stderr, "shuntd: invalid configuration:", err)
 			os.Exit(1)
