@@ -234,6 +234,11 @@ pods:
 		return nil
 	})
 
+	// Synced with Kubernetes: ready.
+	if code, body := httpGet(t, "http://"+main.metrics+"/readyz"); code != http.StatusOK {
+		t.Errorf("main /readyz: %d %s", code, body)
+	}
+
 	// --- xDS: an ADS client (the protocol as Envoy speaks it) that accepts
 	// the listeners, rejects the clusters (a NACK), and one stream too many.
 	// grpc-go's xDS client accepts everything Shunt generates, so the NACK
