@@ -3,8 +3,10 @@
 # (root). Idempotent: packages already present are not fetched again.
 set -euo pipefail
 # prometheus: prometheus and promtool for the alert rules' and dashboard's
-# tests (test/ops, test/e2e TestObservability run their own server).
-pkgs=(clang-19 llvm-19 libbpf-dev linux-libc-dev iproute2 iptables haproxy iperf3 util-linux curl ethtool etcd-server prometheus)
+# tests (test/ops, test/e2e TestObservability run their own server);
+# containerd: ctr imports the images test/ociimage writes (its test runs a
+# private containerd).
+pkgs=(clang-19 llvm-19 libbpf-dev linux-libc-dev iproute2 iptables haproxy iperf3 util-linux curl ethtool etcd-server prometheus containerd)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
