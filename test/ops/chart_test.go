@@ -98,6 +98,10 @@ func render(t *testing.T, h *Helm, name string, valueFiles ...string) *rendering
 			into = r.rbac
 		case "ClusterRoleBinding":
 			into = &rbacv1.ClusterRoleBinding{}
+		case "Role":
+			into = &rbacv1.Role{}
+		case "RoleBinding":
+			into = &rbacv1.RoleBinding{}
 		case "DaemonSet":
 			r.ds = &appsv1.DaemonSet{}
 			into = r.ds
@@ -160,7 +164,7 @@ func TestChartRender(t *testing.T) {
 			k8s := r.name != "values-standalone"
 			want := map[string]int{"ServiceAccount": 1, "Secret": 1, "ConfigMap": 1, "DaemonSet": 1}
 			if k8s {
-				want["ClusterRole"], want["ClusterRoleBinding"] = 1, 1
+				want["ClusterRole"], want["ClusterRoleBinding"], want["Role"], want["RoleBinding"] = 1, 1, 1, 1
 			}
 			if r == full {
 				want["ConfigMap"], want["Service"], want["ServiceMonitor"], want["PrometheusRule"] = 2, 1, 1, 1
@@ -244,7 +248,8 @@ func checkDaemonSet(t *testing.T, r *rendering, k8s bool) {
 	if env["NODE_NAME"] != "spec.nodeName" || env["HOST_IP"] != "status.hostIP" {
 		t.Errorf("downward API env %v", env)
 	}
-	hasKube := slices.Contains(c.Args, "-kubernetes") && slices.Contains(c.Args, "-node-name=$(NODE_NAME)")
+	hasKube := slices.Contains(c.Args, "-kubernetes") && slices.Contains(c.Args, "-node-name=$(NODE_NAME)") &&
+		slices.Contains(c.Args, "-cleanup-on-uninstall="+releaseNS+"/"+r.ds.Name)
 	if hasKube != k8s {
 		t.Errorf("args %v: Kubernetes source %v, want %v", c.Args, hasKube, k8s)
 	}
@@ -452,7 +457,8 @@ func TestChartInstall(t *testing.T) {
 		"/apis/apps/v1" + ns + "/daemonsets/shunt", "/apis/rbac.authorization.k8s.io/v1/clusterroles/shunt",
 		"/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/shunt", "/api/v1" + ns + "/services/shunt-metrics",
 		"/apis/monitoring.coreos.com/v1" + ns + "/servicemonitors/shunt", "/apis/monitoring.coreos.com/v1" + ns + "/prometheusrules/shunt",
-		"/api/v1" + ns + "/configmaps/shunt-dashboard",
+		"/api/v1" + ns + "/configmaps/shunt-dashboard", "/apis/rbac.authorization.k8s.io/v1" + ns + "/roles/shunt",
+		"/apis/rbac.authorization.k8s.io/v1" + ns + "/rolebindings/shunt",
 	}
 	monitoring := []string{"--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.prometheusRule.enabled=true", "--set", "metrics.grafanaDashboard.enabled=true"}
 
@@ -476,14 +482,18 @@ func TestChartInstall(t *testing.T) {
 	for _, tc := range []struct {
 		group, resource, verb string
 		allowed               bool
+		namespace, name       string
 	}{
-		{"", "services", "watch", true}, {"discovery.k8s.io", "endpointslices", "list", true}, {"", "pods", "get", true},
-		{"", "namespaces", "watch", true}, {"", "nodes", "get", true},
-		{"", "configmaps", "create", false}, {"", "services", "update", false}, {"", "pods", "delete", false}, {"", "secrets", "get", false},
+		{"", "services", "watch", true, "", ""}, {"discovery.k8s.io", "endpointslices", "list", true, "", ""}, {"", "pods", "get", true, "", ""},
+		{"", "namespaces", "watch", true, "", ""}, {"", "nodes", "get", true, "", ""},
+		{"apps", "daemonsets", "watch", true, releaseNS, "shunt"}, // its own, for cleanupOnUninstall
+		{"apps", "daemonsets", "get", false, releaseNS, "other"}, {"apps", "daemonsets", "update", false, releaseNS, "shunt"},
+		{"", "configmaps", "create", false, "", ""}, {"", "services", "update", false, "", ""}, {"", "pods", "delete", false, "", ""},
+		{"", "secrets", "get", false, releaseNS, ""},
 	} {
 		sar := map[string]any{"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": map[string]any{
 			"user": user, "groups": []string{"system:serviceaccounts", "system:serviceaccounts:" + releaseNS},
-			"resourceAttributes": map[string]any{"group": tc.group, "resource": tc.resource, "verb": tc.verb}}}
+			"resourceAttributes": map[string]any{"group": tc.group, "resource": tc.resource, "verb": tc.verb, "namespace": tc.namespace, "name": tc.name}}}
 		var res struct {
 			Status struct {
 				Allowed bool `json:"allowed"`
