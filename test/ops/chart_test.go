@@ -539,3 +539,75 @@ func TestChartInstall(t *testing.T) {
 		t.Errorf("reinstall changed the seed: %s -> %s", seed, s)
 	}
 }
+
+// Every value of values.yaml is documented in the chart's README table,
+// and every value the table names exists.
+func TestChartReadmeDocumentsEveryValue(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join(ChartDir, "values.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var vals map[string]any
+	if err := yaml.Unmarshal(data, &vals); err != nil {
+		t.Fatal(err)
+	}
+	// Maps handed to Kubernetes as they are: documented as one value.
+	opaque := map[string]bool{"resources": true, "updateStrategy": true, "nodeSelector": true, "affinity": true,
+		"podAnnotations": true, "podLabels": true, "metrics.serviceMonitor.labels": true, "metrics.prometheusRule.labels": true,
+		"metrics.grafanaDashboard.labels": true}
+	paths := map[string]bool{}
+	var walk func(prefix string, v any)
+	walk = func(prefix string, v any) {
+		paths[prefix] = true
+		m, ok := v.(map[string]any)
+		if !ok || opaque[prefix] {
+			return
+		}
+		for k, sub := range m {
+			p := k
+			if prefix != "" {
+				p = prefix + "." + k
+			}
+			walk(p, sub)
+		}
+	}
+	walk("", vals)
+	readme, err := os.ReadFile(filepath.Join(ChartDir, "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	documented := map[string]bool{}
+	for _, line := range strings.Split(string(readme), "\n") {
+		if f := strings.Split(line, "|"); len(f) > 2 && strings.HasPrefix(strings.TrimSpace(f[1]), "`") {
+			documented[strings.Trim(strings.TrimSpace(f[1]), "`")] = true
+		}
+	}
+	for p := range paths {
+		if p == "" {
+			continue
+		}
+		if _, isMap := lookupValue(vals, p).(map[string]any); isMap && !opaque[p] && p != "config" {
+			continue // documented through its leaves
+		}
+		if !documented[p] {
+			t.Errorf("value %s is not in the README's table", p)
+		}
+	}
+	for d := range documented {
+		if strings.Contains(d, ".") && !paths[d] {
+			t.Errorf("the README documents %s, which values.yaml does not have", d)
+		}
+	}
+}
+
+func lookupValue(m map[string]any, path string) any {
+	var v any = m
+	for _, k := range strings.Split(path, ".") {
+		mm, ok := v.(map[string]any)
+		if !ok {
+			return nil
+		}
+		v = mm[k]
+	}
+	return v
+}
