@@ -30,11 +30,13 @@ var (
 	buildErr  error
 )
 
-// binaries builds the real shuntd and shuntctl once per test binary.
+// binaries builds the real shuntd and shuntctl once per test binary, into
+// one folder per user that every run overwrites (nothing accumulates).
 func binaries(t testing.TB) (shuntd, shuntctl string) {
 	t.Helper()
 	buildOnce.Do(func() {
-		if binDir, buildErr = os.MkdirTemp("", "shunt-ops-bin-"); buildErr != nil {
+		binDir = filepath.Join(os.TempDir(), fmt.Sprintf("shunt-ops-bin-%d", os.Getuid()))
+		if buildErr = os.MkdirAll(binDir, 0o700); buildErr != nil {
 			return
 		}
 		cmd := exec.Command("go", "build", "-o", binDir+"/", "./cmd/shuntd", "./cmd/shuntctl")
