@@ -1,7 +1,7 @@
 GO ?= go
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build deps generate check test demo bench bench-sidecar clean
+.PHONY: all build deps generate check test demo bench bench-sidecar image clean
 
 all: build
 
@@ -9,11 +9,12 @@ build:
 	$(GO) build -o bin/ ./cmd/...
 
 # Also builds the real Kubernetes binaries the tests run (kube-apiserver, and
-# the kubelet of test/kubenode's real node) from the Go module proxy, cached
-# outside the clone; skipped when present.
+# the kubelet of test/kubenode's real node) and helm for the chart's tests,
+# from the Go module proxy, cached outside the clone; skipped when present.
 deps:
 	./scripts/install-deps.sh
 	./scripts/build-k8s.sh kube-apiserver kubelet
+	./scripts/build-helm.sh
 
 # Regenerate the bpf2go bindings and objects (needs clang-19, llvm-strip-19).
 generate:
@@ -41,6 +42,16 @@ bench: deps build
 # Sidecar chain: direct vs iptables REDIRECT vs Shunt steering + sockmap off/auto/on.
 bench-sidecar: deps build
 	./bin/shuntctl bench sidecar
+
+# shuntd's container image, built locally without a registry or engine: a
+# one-layer OCI archive of static shuntd and shuntctl, named as the chart's
+# default image. Import it on a node: ctr -n k8s.io images import bin/shuntd-image.tar
+VERSION ?= $(shell sed -nE 's/^appVersion: *"?([^"]*)"?/\1/p' deploy/helm/shunt/Chart.yaml)
+image:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X github.com/shuntmesh/shunt/agent.Version=$(VERSION)" -o bin/image/ ./cmd/shuntd ./cmd/shuntctl
+	$(GO) run ./test/ociimage/mkimage -o bin/shuntd-image.tar -name docker.io/shunt/shuntd:$(VERSION) \
+		-entrypoint /usr/local/bin/shuntd \
+		bin/image/shuntd=/usr/local/bin/shuntd:0755 bin/image/shuntctl=/usr/local/bin/shuntctl:0755
 
 clean:
 	rm -rf bin

@@ -5,10 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -36,7 +39,9 @@ func (s *servers) close() {
 //	GET    /v1/pods              POST /v1/pods (mesh.Pod)            DELETE /v1/pods?name=N
 //	GET    /v1/xds               (xds.Status; 404 when the xDS server is not running)
 //	GET    /v1/xdp               north-south load balancer status
-//	GET    /healthz, /metrics
+//	GET    /healthz              every program attached (liveness)
+//	GET    /readyz               healthy, and every source delivered its whole state (readiness)
+//	GET    /metrics
 func (a *Agent) Handler(reg *prometheus.Registry) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
@@ -83,6 +88,13 @@ func (a *Agent) Handler(reg *prometheus.Registry) http.Handler {
 		}
 		io.WriteString(w, "ok\n")
 	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if err := a.Ready(); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		io.WriteString(w, "ok\n")
+	})
 	a.xdpRoutes(mux) // GET /v1/xdp (xdp_linux.go)
 	if reg != nil {
 		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
@@ -100,11 +112,38 @@ func (a *Agent) Healthy() error {
 		return errors.New("no program attached")
 	}
 	for _, l := range links {
-		if _, err := os.Stat(l.Pinned); err != nil {
-			return fmt.Errorf("link %s: %w", l.Program, err)
+		if err := linkHealthy(l.Program, l.Pinned, l.Attached); err != nil {
+			return err
 		}
 	}
 	return a.xdpHealthy()
+}
+
+// Ready reports whether the agent is healthy and has applied the whole
+// state of every source it expects (Kubernetes: the informers synced).
+// Until then it serves what earlier runs pinned; a rolling update of the
+// agents waits for it before moving to the next node.
+func (a *Agent) Ready() error {
+	if err := a.Healthy(); err != nil {
+		return err
+	}
+	a.mu.Lock()
+	pending := slices.Sorted(maps.Keys(a.pending))
+	a.mu.Unlock()
+	if len(pending) > 0 {
+		return fmt.Errorf("waiting for the whole state of %s", strings.Join(pending, ", "))
+	}
+	return nil
+}
+
+func linkHealthy(name, pinned string, attached bool) error {
+	if _, err := os.Stat(pinned); err != nil {
+		return fmt.Errorf("link %s: %w", name, err)
+	}
+	if !attached {
+		return fmt.Errorf("link %s: detached (its program no longer runs; restart shuntd to re-attach)", name)
+	}
+	return nil
 }
 
 func decode(r *http.Request, v any) error {

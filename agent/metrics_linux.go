@@ -2,6 +2,7 @@ package agent
 
 import (
 	"errors"
+	"os"
 	"strconv"
 	"strings"
 
@@ -58,11 +59,11 @@ type metrics struct {
 
 	translations, noBackend, entries, capacity, events, services, pods, info *prometheus.Desc
 
-	podEvents, sockmapSockets, selfTest *prometheus.Desc
+	podEvents, sockmapSockets, selfTest, attached *prometheus.Desc
 }
 
 func newMetrics(a *Agent) *metrics {
-	return &metrics{
+	m := &metrics{
 		a: a,
 		reconciles: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "shunt_reconcile_total", Help: "Reconciles of the datapath to the desired state, by result (ok, error).",
@@ -86,7 +87,27 @@ func newMetrics(a *Agent) *metrics {
 			[]string{"namespace", "event"}, nil),
 		sockmapSockets: prometheus.NewDesc("shunt_sockmap_sockets", "Sockets of the namespace's pods in the sockhash (inserted minus closed).", []string{"namespace"}, nil),
 		selfTest:       prometheus.NewDesc("shunt_sockmap_selftest_passed", "1 when the sockmap self-test passed on this kernel (sockmap auto accelerates), 0 when it failed (auto accelerates nothing).", nil, nil),
+		attached:       attachedDesc,
 	}
+	// Both results exist from the start, so an error rate is 0, not absent.
+	m.reconciles.WithLabelValues("ok")
+	m.reconciles.WithLabelValues("error")
+	return m
+}
+
+// attachedDesc is shunt_program_attached, exported for the socket programs
+// here and for the XDP load balancer's by xdpCollector.
+var attachedDesc = prometheus.NewDesc("shunt_program_attached",
+	"1 while the program runs on its target through its pinned bpf_link; 0 when the link was detached or its pin removed "+
+		"(a program that fails to load or attach at start makes shuntd exit instead).",
+	[]string{"datapath", "program", "attach"}, nil)
+
+// attachedValue is 1 when the link is attached and still pinned.
+func attachedValue(pinned string, attached bool) float64 {
+	if _, err := os.Stat(pinned); err != nil || !attached {
+		return 0
+	}
+	return 1
 }
 
 func (m *metrics) reconcile(err error) {
@@ -106,7 +127,7 @@ func (m *metrics) reconcile(err error) {
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	m.reconciles.Describe(ch)
 	m.capacityErrors.Describe(ch)
-	for _, d := range []*prometheus.Desc{m.translations, m.noBackend, m.entries, m.capacity, m.events, m.services, m.pods, m.info, m.podEvents, m.sockmapSockets, m.selfTest} {
+	for _, d := range []*prometheus.Desc{m.translations, m.noBackend, m.entries, m.capacity, m.events, m.services, m.pods, m.info, m.podEvents, m.sockmapSockets, m.selfTest, m.attached} {
 		ch <- d
 	}
 }
@@ -158,6 +179,9 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		passed = 1
 	}
 	ch <- prometheus.MustNewConstMetric(m.selfTest, prometheus.GaugeValue, passed)
+	for _, l := range a.dp.Links() {
+		ch <- prometheus.MustNewConstMetric(m.attached, prometheus.GaugeValue, attachedValue(l.Pinned, l.Attached), "sockmesh", l.Program, l.Attach)
+	}
 	ch <- prometheus.MustNewConstMetric(m.services, prometheus.GaugeValue, float64(len(svcs)))
 	ch <- prometheus.MustNewConstMetric(m.pods, prometheus.GaugeValue, float64(npods))
 	for _, s := range svcs {

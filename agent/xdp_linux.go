@@ -265,6 +265,9 @@ func (c *xdpCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.svcNoBackend, prometheus.CounterValue, float64(s.NoBackend), s.Name, s.Frontend)
 		ch <- prometheus.MustNewConstMetric(c.info, prometheus.GaugeValue, 1, s.Name, s.Frontend, s.Fingerprint)
 	}
+	for _, l := range st.Links {
+		ch <- prometheus.MustNewConstMetric(attachedDesc, prometheus.GaugeValue, attachedValue(l.Pinned, l.Attached), "xdp", l.Name, l.Kind)
+	}
 	if dp := c.a.XDP(); dp != nil {
 		if bc, err := dp.BackendCounters(); err == nil {
 			for be, v := range bc {

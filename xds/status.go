@@ -107,6 +107,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "xDS streams refused or closed by a limit (max_streams, max_resource_names).",
 		}, []string{"limit"}),
 	}
+	// Series exist at 0 before the first event, so that the first refusal
+	// (or NACK, see request) is an increase Prometheus sees.
+	m.refused.WithLabelValues("max_streams")
+	m.refused.WithLabelValues("max_resource_names")
 	if reg == nil {
 		return m, nil
 	}
@@ -281,6 +285,9 @@ func (t *tracker) request(k streamKey, node *corev3.Node, typeURL, nonce, versio
 	}
 	n := t.attach(st, node)
 	if n != nil {
+		if _, seen := n.types[typeURL]; !seen {
+			t.met.nacks.WithLabelValues(n.info.ID, typeURL) // at 0 until a NACK
+		}
 		n.typ(typeURL).Watching = watching
 	}
 	if nonce == "" {

@@ -417,8 +417,10 @@ func (d *Datapath) attach() error {
 			info, ierr := l.Info()
 			same := false
 			if ierr == nil && at == ebpf.AttachSkMsgVerdict {
-				// The pinned link holds the (adopted, pinned) sockhash.
-				same = info.Type == linkTypeSockmap
+				// The pinned link holds the (adopted, pinned) sockhash,
+				// unless it was detached.
+				attached, _ := Attached(l)
+				same = info.Type == linkTypeSockmap && attached
 			} else if ierr == nil && info.Cgroup() != nil {
 				same = info.Cgroup().CgroupId == want
 			}

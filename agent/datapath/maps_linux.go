@@ -481,6 +481,9 @@ type LinkInfo struct {
 	LinkID  uint32 `json:"linkID"`
 	ProgID  uint32 `json:"progID"`
 	Pinned  string `json:"pinned"`
+	// Attached: the link still runs its program on its target (see
+	// Attached).
+	Attached bool `json:"attached"`
 }
 
 // Links describes the links this agent holds.
@@ -492,6 +495,7 @@ func (d *Datapath) Links() []LinkInfo {
 			li.LinkID = uint32(info.ID)
 			li.ProgID = uint32(info.Program)
 		}
+		li.Attached, _ = Attached(l)
 		out = append(out, li)
 	}
 	slices.SortFunc(out, func(a, b LinkInfo) int {

@@ -3,6 +3,7 @@ package k8s
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -97,6 +98,9 @@ func findPodNetNS(roots []string, uid string) (netnsRef, error) {
 			}
 			path := "/proc/" + strconv.Itoa(pid) + "/ns/net"
 			ino, err := nsInode(path)
+			if errors.Is(err, fs.ErrPermission) {
+				return netnsRef{}, fmt.Errorf("network namespace %s of the pod's process: %w (opening another user's process needs CAP_SYS_PTRACE)", path, err)
+			}
 			if err != nil {
 				continue // exited meanwhile
 			}

@@ -22,7 +22,7 @@ type metrics struct {
 }
 
 func newMetrics() *metrics {
-	return &metrics{
+	m := &metrics{
 		objects: prometheus.NewDesc("shunt_k8s_objects", "Objects in the informer caches, by kind.", []string{"kind"}, nil),
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "shunt_k8s_rejected_total",
@@ -58,6 +58,17 @@ func newMetrics() *metrics {
 			Buckets: []float64{.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5},
 		}),
 	}
+	// Every label value exists from the start at 0, so that the first
+	// error is an increase Prometheus sees (a series born at 1 is not).
+	for _, r := range []string{"annotation", "conflict", "pod", "port", "service"} {
+		m.rejected.WithLabelValues(r)
+	}
+	for _, k := range []string{"services", "endpointslices", "namespaces", "pods", "nodes"} {
+		m.watchErrors.WithLabelValues(k)
+	}
+	m.applies.WithLabelValues("ok")
+	m.applies.WithLabelValues("error")
+	return m
 }
 
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {

@@ -609,8 +609,8 @@ func (s *Source) computePod(c *change, key string) {
 		ns = no.(*corev1.Namespace)
 	}
 	e, probs := PodEnrollment(ns, pod)
-	s.report("pod "+key, probs)
 	if !e.Enrolled {
+		s.report("pod "+key, probs)
 		if had {
 			c.delPods[key] = true
 			s.log.Debug("pod left", "pod", key, "why", e.Why)
@@ -623,12 +623,18 @@ func (s *Source) computePod(c *change, key string) {
 	} else {
 		r, err := findPodNetNS(s.roots, string(pod.UID))
 		if err != nil {
-			// Not started yet (or gone): keep what is enrolled, retry.
+			// Not started yet (or gone): keep what is enrolled, retry. A
+			// namespace the agent may not open is reported (once).
+			if !errors.Is(err, ErrNoProcess) {
+				probs = append(probs, Problem{"pod", err.Error()})
+			}
+			s.report("pod "+key, probs)
 			s.retry["pod:"+key] = time.Now().Add(retryNoProcess)
 			return
 		}
 		ref = r
 	}
+	s.report("pod "+key, probs)
 	if ref.ino == s.hostNS {
 		// Not a host-network pod (PodEnrollment left those out), so the
 		// process has not joined the pod's netns yet (a runtime's init

@@ -42,6 +42,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	"github.com/shuntmesh/shunt/agent/datapath"
 	"github.com/shuntmesh/shunt/bpf"
 )
 
@@ -503,6 +504,9 @@ type LinkInfo struct {
 	LinkID uint32 `json:"linkID"`
 	ProgID uint32 `json:"progID"`
 	Pinned string `json:"pinned"`
+	// Attached: the link still runs its program on its device
+	// (datapath.Attached).
+	Attached bool `json:"attached"`
 }
 
 // Links describes the links this agent holds.
@@ -520,6 +524,7 @@ func (d *Datapath) Links() []LinkInfo {
 			li.LinkID = uint32(info.ID)
 			li.ProgID = uint32(info.Program)
 		}
+		li.Attached, _ = datapath.Attached(l)
 		out = append(out, li)
 	}
 	slices.SortFunc(out, func(a, b LinkInfo) int { return cmpStr(a.Name, b.Name) })
