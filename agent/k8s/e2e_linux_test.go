@@ -413,7 +413,7 @@ func TestShuntdKubeconfig(t *testing.T) {
 	cmd := exec.Command(bin, "-config", filepath.Join(dir, "shunt.yaml"), "-kubeconfig", cp.AdminKubeconfig, "-node-name", testNode,
 		"-host-netns", env.Node().NetNSPath(), "-api-socket", filepath.Join(dir, "sock"), "-state-file", filepath.Join(dir, "state.json"),
 		"-metrics-addr", fmt.Sprintf("127.0.0.1:%d", port))
-	var logs lockedBuffer
+	var logs harness.SyncBuffer
 	cmd.Stdout, cmd.Stderr = &logs, &logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

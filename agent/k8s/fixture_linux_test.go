@@ -1,7 +1,6 @@
 package k8s_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -11,7 +10,6 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -45,27 +43,10 @@ type fixture struct {
 	a     *agent.Agent
 	reg   *prometheus.Registry
 	hpods map[string]*harness.Pod // pod key -> harness pod
-	log   *lockedBuffer
+	log   *harness.SyncBuffer
 
 	cancel context.CancelFunc
 	done   chan error
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func ctx(t *testing.T) context.Context {
@@ -77,7 +58,7 @@ func ctx(t *testing.T) context.Context {
 func newFixture(t *testing.T, opts ...func(*agent.Config)) *fixture {
 	t.Helper()
 	cp := kube.Start(t, kube.Options{})
-	f := &fixture{t: t, cp: cp, c: cp.Admin(), hpods: map[string]*harness.Pod{}, log: &lockedBuffer{}}
+	f := &fixture{t: t, cp: cp, c: cp.Admin(), hpods: map[string]*harness.Pod{}, log: &harness.SyncBuffer{}}
 	c := ctx(t)
 	if err := f.c.Namespace(c, "shunt-system", nil); err != nil {
 		t.Fatal(err)

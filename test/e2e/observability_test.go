@@ -613,24 +613,7 @@ type obsAgent struct {
 	name, root, socket, metrics string
 	cmd                         *exec.Cmd
 	done                        chan struct{}
-	log                         *lockedBuf
-}
-
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+	log                         *harness.SyncBuffer
 }
 
 // startObsAgent runs shuntd with config (its bpffs folder is added) in the
@@ -645,7 +628,7 @@ func startObsAgent(t *testing.T, env *harness.Env, name, config string) *obsAgen
 		t.Fatal(err)
 	}
 	a := &obsAgent{name: name, root: filepath.Join(env.BPFFSPath(), name), socket: filepath.Join(dir, "shuntd.sock"),
-		metrics: fmt.Sprintf("127.0.0.1:%d", port), done: make(chan struct{}), log: &lockedBuf{}}
+		metrics: fmt.Sprintf("127.0.0.1:%d", port), done: make(chan struct{}), log: &harness.SyncBuffer{}}
 	config = strings.Replace(config, "datapath:\n", "datapath:\n  bpffsRoot: "+a.root+"\n", 1)
 	cfg := filepath.Join(dir, "shunt.yaml")
 	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {

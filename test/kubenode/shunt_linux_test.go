@@ -14,7 +14,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -43,30 +42,13 @@ type cluster struct {
 	c   *kube.Client
 	n   *kubenode.Node
 	a   *agent.Agent
-	log *lockedBuffer
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+	log *harness.SyncBuffer
 }
 
 func newCluster(t *testing.T) *cluster {
 	cp := kube.Start(t, kube.Options{})
 	n := kubenode.Start(t, cp, kubenode.Options{})
-	cl := &cluster{t: t, cp: cp, c: cp.Admin(), n: n, log: &lockedBuffer{}}
+	cl := &cluster{t: t, cp: cp, c: cp.Admin(), n: n, log: &harness.SyncBuffer{}}
 	c := ctx(t)
 	if err := cl.c.Namespace(c, "shunt-system", nil); err != nil {
 		t.Fatal(err)

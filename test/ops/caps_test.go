@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -197,23 +196,6 @@ func TestChartCapabilities(t *testing.T) {
 	}
 }
 
-type lockedLog struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // create creates a rendered object in the API server.
 func create(ctx context.Context, kc *kube.Client, o Object) error {
 	paths := map[string]string{
@@ -252,7 +234,7 @@ type chartAgent struct {
 	metrics, shuntctl string
 	cmd               *exec.Cmd
 	done              chan struct{}
-	log               *lockedLog
+	log               *harness.SyncBuffer
 }
 
 var agentRuns int
@@ -261,7 +243,7 @@ func startChartAgent(t *testing.T, r *rendering, env *harness.Env, o chartAgentO
 	t.Helper()
 	shuntd, shuntctl := binaries(t)
 	agentRuns++
-	a := &chartAgent{t: t, dir: o.stateDir, root: o.root, shuntctl: shuntctl, done: make(chan struct{}), log: &lockedLog{}}
+	a := &chartAgent{t: t, dir: o.stateDir, root: o.root, shuntctl: shuntctl, done: make(chan struct{}), log: &harness.SyncBuffer{}}
 	if a.dir == "" {
 		a.dir = t.TempDir()
 	}
