@@ -49,8 +49,11 @@ type fixture struct {
 	done   chan error
 }
 
+// ctx bounds a test's API calls so a hung API server fails the test instead
+// of hanging it. It covers the whole test, API server restarts included, on
+// a loaded machine: generous, not a timing expectation.
 func ctx(t *testing.T) context.Context {
-	c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	c, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	t.Cleanup(cancel)
 	return c
 }

@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -95,7 +97,7 @@ func New(t testing.TB) *Env {
 	if err != nil {
 		t.Fatalf("harness: %v", err)
 	}
-	id, err := claimID(cg2)
+	id, err := claimID(cg2, t.Name())
 	if err != nil {
 		t.Fatalf("harness: %v", err)
 	}
@@ -460,6 +462,7 @@ func randHex(n int) string { return hex.EncodeToString(randBytes(n)) }
 type owner struct {
 	pid   int
 	start uint64
+	who   string // "<binary> <test>", to name the culprit of a leftover
 }
 
 func selfOwner() owner {
@@ -493,7 +496,7 @@ func (o owner) alive() bool {
 // claimID reserves a 4-hex-digit id atomically (O_EXCL file in /run/shunt-test)
 // that no leftover resource uses, so parallel tests and test binaries never
 // collide.
-func claimID(cg2 string) (string, error) {
+func claimID(cg2, test string) (string, error) {
 	me := selfOwner()
 	for attempt := 0; attempt < 200; attempt++ {
 		id := randHex(2)
@@ -507,7 +510,7 @@ func claimID(cg2 string) (string, error) {
 		if err != nil {
 			return "", err
 		}
-		_, werr := fmt.Fprintf(f, "%d %d\n", me.pid, me.start)
+		_, werr := fmt.Fprintf(f, "%d %d %s %s\n", me.pid, me.start, filepath.Base(os.Args[0]), test)
 		cerr := f.Close()
 		if err := errors.Join(werr, cerr); err != nil {
 			_ = os.Remove(f.Name())
@@ -543,9 +546,16 @@ func readOwner(id string) (owner, bool) {
 		return owner{}, false
 	}
 	var o owner
-	if _, err := fmt.Sscanf(string(b), "%d %d", &o.pid, &o.start); err != nil {
+	f := strings.Fields(string(b))
+	if len(f) < 2 {
 		return owner{}, false
 	}
+	pid, err1 := strconv.Atoi(f[0])
+	start, err2 := strconv.ParseUint(f[1], 10, 64)
+	if err1 != nil || err2 != nil {
+		return owner{}, false
+	}
+	o.pid, o.start, o.who = pid, start, strings.Join(f[2:], " ")
 	return o, true
 }
 
@@ -556,8 +566,9 @@ type Leak struct {
 	ID       string // harness id parsed from the name ("" if it does not parse)
 	Kind     string // "netns", "cgroup", "bpffs" or "registry"
 	Path     string
-	OwnerPID int  // 0 when unknown
-	Own      bool // created by this process
+	OwnerPID int    // 0 when unknown
+	Owner    string // the owner's binary and test, when recorded
+	Own      bool   // created by this process
 }
 
 func (l Leak) String() string {
@@ -567,6 +578,9 @@ func (l Leak) String() string {
 		who = "leaked by this process"
 	case l.OwnerPID != 0:
 		who = fmt.Sprintf("owner pid %d is gone", l.OwnerPID)
+		if l.Owner != "" {
+			who = fmt.Sprintf("owner pid %d, %s, is gone", l.OwnerPID, l.Owner)
+		}
 	}
 	return fmt.Sprintf("%s %s (%s)", l.Kind, l.Path, who)
 }
@@ -620,7 +634,7 @@ func FindLeaks() []Leak {
 		}
 		l := Leak{ID: c.id, Kind: c.kind, Path: c.path}
 		if ok {
-			l.OwnerPID = o.pid
+			l.OwnerPID, l.Owner = o.pid, o.who
 			l.Own = o.pid == me
 		}
 		leaks = append(leaks, l)
@@ -629,11 +643,16 @@ func FindLeaks() []Leak {
 }
 
 // LeakCheck reports, with t.Errorf, every harness resource left over that no
-// live Env (of this or another running process) owns. Call it after all Envs
+// live Env (of this or another running process) owns, except leftovers of
+// dead runs that were already there when this one started (Main warns about
+// those: their run failed where it died). Call it after all Envs
 // of the package are cleaned up; Main does so automatically.
 func LeakCheck(t testing.TB) {
 	t.Helper()
 	for _, l := range FindLeaks() {
+		if _, stale := staleAtStart.Load(l.Path); stale && !l.Own {
+			continue // an earlier run's, reported by Main when this one started
+		}
 		t.Errorf("harness leak: %s", l)
 	}
 }
@@ -661,6 +680,33 @@ func reapStale(logf func(string, ...any)) {
 			releaseID(l.ID)
 		}
 	}
+}
+
+// staleAtStart holds the paths of leftovers of dead runs found by Main.
+var staleAtStart sync.Map
+
+// kernelLogAbout returns the kernel log lines naming pid (an OOM kill, a
+// fatal signal) and any kernel fault, to say why an owner died without
+// cleaning up.
+func kernelLogAbout(pid int) []string {
+	out, err := exec.Command("dmesg").Output()
+	if err != nil {
+		return nil
+	}
+	// "Killed process 9400 (x)", "x[9400]: segfault", "pid=9400"; not timestamps.
+	// Kernel faults kill the task that was in the kernel without naming
+	// it as such: report those too.
+	re := regexp.MustCompile(fmt.Sprintf(`(?:process |pid[ =:]?|\w\[)%d\b|BUG:|Oops|general protection fault|Out of memory`, pid))
+	var lines []string
+	for _, l := range strings.Split(string(out), "\n") {
+		if re.MatchString(l) && !strings.Contains(l, "audit") {
+			lines = append(lines, l)
+		}
+	}
+	if len(lines) > 10 {
+		lines = lines[len(lines)-10:]
+	}
+	return lines
 }
 
 // ---- Main ----
@@ -693,16 +739,22 @@ func Main(m *testing.M) {
 	if os.Getenv(EnvReapStale) != "" {
 		reapStale(logf)
 	}
-	before := map[string]bool{}
+	gone := map[int]bool{}
 	for _, l := range FindLeaks() {
-		before[l.Path] = true
+		staleAtStart.Store(l.Path, true)
 		logf("harness: WARNING: stale leftover from an earlier run: %s (set %s=1 to remove)", l, EnvReapStale)
+		if l.OwnerPID != 0 && !gone[l.OwnerPID] {
+			gone[l.OwnerPID] = true
+			for _, k := range kernelLogAbout(l.OwnerPID) {
+				logf("harness: kernel log about pid %d: %s", l.OwnerPID, k)
+			}
+		}
 	}
 	code := m.Run()
 	removeAppBinary()
 	sweepAppBinaries() // e.g. of child test binaries that panicked
 	for _, l := range FindLeaks() {
-		if before[l.Path] && !l.Own {
+		if _, stale := staleAtStart.Load(l.Path); stale && !l.Own {
 			continue
 		}
 		logf("harness: LEAK: %s", l)

@@ -612,6 +612,10 @@ func TestReapAfterCrash(t *testing.T) {
 	for _, l := range harness.FindLeaks() {
 		if l.ID == s.id {
 			leaked = append(leaked, l.Kind)
+			// The leftover names its culprit.
+			if !strings.Contains(l.String(), "TestChildEnv") {
+				t.Errorf("leak does not name the test that made it: %s", l)
+			}
 		}
 	}
 	if len(leaked) < 4 { // netns x3, cgroup, bpffs, registry

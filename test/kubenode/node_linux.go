@@ -358,7 +358,10 @@ func deleteBridge() error {
 	ifs, _ := net.Interfaces()
 	for _, ifc := range ifs {
 		if m, err := os.Readlink(filepath.Join("/sys/class/net", ifc.Name, "master")); err == nil && filepath.Base(m) == br.Name {
-			if out, err := exec.Command("ip", "link", "del", ifc.Name).CombinedOutput(); err != nil {
+			out, err := exec.Command("ip", "link", "del", ifc.Name).CombinedOutput()
+			if _, gone := net.InterfaceByName(ifc.Name); err != nil && gone == nil {
+				// Still there. (One that vanished meanwhile went with its
+				// network namespace, which is being torn down.)
 				errs = append(errs, fmt.Errorf("ip link del %s: %v: %s", ifc.Name, err, bytes.TrimSpace(out)))
 			}
 		}
