@@ -36,6 +36,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	"github.com/shuntmesh/shunt/agent/internal/pins"
 	"github.com/shuntmesh/shunt/bpf"
 )
 
@@ -491,36 +492,7 @@ func Cleanup(root string) error {
 	if root == "" {
 		root = DefaultRoot
 	}
-	f, err := os.Open(root)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		return fmt.Errorf("%s is locked: stop shuntd first", root)
-	}
-	var errs []error
-	linkDir := filepath.Join(root, "links")
-	entries, _ := os.ReadDir(linkDir)
-	for _, e := range entries {
-		p := filepath.Join(linkDir, e.Name())
-		l, err := link.LoadPinnedLink(p, nil)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("open link %s: %w", p, err))
-			continue
-		}
-		if err := l.Unpin(); err != nil {
-			errs = append(errs, err)
-		}
-		l.Close() // last reference: detaches
-	}
-	if err := os.RemoveAll(root); err != nil {
-		errs = append(errs, err)
-	}
-	return errors.Join(errs...)
+	return pins.RemoveDir(root)
 }
 
 // linkTypeSockmap is BPF_LINK_TYPE_SOCKMAP (uapi bpf.h), which cilium/ebpf

@@ -43,6 +43,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/shuntmesh/shunt/agent/datapath"
+	"github.com/shuntmesh/shunt/agent/internal/pins"
 	"github.com/shuntmesh/shunt/bpf"
 )
 
@@ -582,35 +583,5 @@ func (d *Datapath) Close() error {
 // Cleanup detaches every program linked under root/xdp and removes its pins.
 // It refuses while an agent holds the folder.
 func Cleanup(root string) error {
-	dir := filepath.Join(root, "xdp")
-	f, err := os.Open(dir)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		return fmt.Errorf("%s is locked: stop shuntd first", dir)
-	}
-	var errs []error
-	linkDir := filepath.Join(dir, "links")
-	entries, _ := os.ReadDir(linkDir)
-	for _, e := range entries {
-		p := filepath.Join(linkDir, e.Name())
-		l, err := link.LoadPinnedLink(p, nil)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("open link %s: %w", p, err))
-			continue
-		}
-		if err := l.Unpin(); err != nil {
-			errs = append(errs, err)
-		}
-		l.Close()
-	}
-	if err := os.RemoveAll(dir); err != nil {
-		errs = append(errs, err)
-	}
-	return errors.Join(errs...)
+	return pins.RemoveDir(filepath.Join(root, "xdp"))
 }
