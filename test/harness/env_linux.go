@@ -1,7 +1,6 @@
 package harness
 
 import (
-	"bufio"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -19,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -286,50 +286,17 @@ func Cgroup2Mount() (string, error) {
 
 type mountEntry struct{ point, fstype string }
 
+// readMountinfo lists this process's mounts (mount point, file system type).
 func readMountinfo() ([]mountEntry, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	ms, err := mountinfo.GetMounts(nil)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	var out []mountEntry
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		// id parent maj:min root mountpoint opts [optional...] - fstype source superopts
-		fields := strings.Fields(sc.Text())
-		sep := -1
-		for i, f := range fields {
-			if f == "-" {
-				sep = i
-				break
-			}
-		}
-		if sep < 5 || sep+1 >= len(fields) {
-			continue
-		}
-		out = append(out, mountEntry{point: unescapeMountinfo(fields[4]), fstype: fields[sep+1]})
+	out := make([]mountEntry, 0, len(ms))
+	for _, m := range ms {
+		out = append(out, mountEntry{point: m.Mountpoint, fstype: m.FSType})
 	}
-	return out, sc.Err()
-}
-
-// unescapeMountinfo undoes the \ooo octal escapes of mountinfo paths.
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
+	return out, nil
 }
 
 // killCgroupTree kills every process inside the cgroup subtree at path (and

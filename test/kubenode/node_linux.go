@@ -14,13 +14,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 
@@ -866,47 +866,17 @@ func removeCgroupTree(path string) error {
 
 type mountEntry struct{ point, fstype string }
 
+// readMountinfo lists this process's mounts (mount point, file system type).
 func readMountinfo() ([]mountEntry, error) {
-	data, err := os.ReadFile("/proc/self/mountinfo")
+	ms, err := mountinfo.GetMounts(nil)
 	if err != nil {
 		return nil, err
 	}
-	var out []mountEntry
-	for _, line := range strings.Split(string(data), "\n") {
-		// id parent maj:min root mountpoint opts [optional...] - fstype source superopts
-		f := strings.Fields(line)
-		sep := -1
-		for i, x := range f {
-			if x == "-" {
-				sep = i
-				break
-			}
-		}
-		if sep < 5 || sep+1 >= len(f) {
-			continue
-		}
-		out = append(out, mountEntry{point: unescapeOctal(f[4]), fstype: f[sep+1]})
+	out := make([]mountEntry, 0, len(ms))
+	for _, m := range ms {
+		out = append(out, mountEntry{point: m.Mountpoint, fstype: m.FSType})
 	}
 	return out, nil
-}
-
-// unescapeOctal undoes mountinfo's \ooo escapes.
-func unescapeOctal(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // mountsUnder lists the mount points at or below dir, deepest first.
