@@ -395,11 +395,7 @@ func TestShuntdKubeconfig(t *testing.T) {
 	})
 	env := harness.New(t)
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "shuntd")
-	build := exec.Command("go", "build", "-o", bin, "../../cmd/shuntd")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin, _ := harness.AgentBinaries(t)
 	cfg := fmt.Sprintf("datapath:\n  bpffsRoot: %s\n  cgroup: %s\nkubernetes:\n  nodeAddresses: [10.244.0.1]\n  cgroupRoots: [%s]\n",
 		env.BPFFSPath(), env.CgroupPath(), env.CgroupPath())
 	if err := os.WriteFile(filepath.Join(dir, "shunt.yaml"), []byte(cfg), 0o600); err != nil {

@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -18,34 +17,6 @@ import (
 )
 
 func TestMain(m *testing.M) { harness.Main(m) }
-
-var (
-	buildOnce sync.Once
-	binDir    string
-	buildErr  error
-)
-
-// binaries builds the real shuntd and shuntctl once per test binary.
-func binaries(t testing.TB) (shuntd, shuntctl string) {
-	t.Helper()
-	buildOnce.Do(func() {
-		binDir, buildErr = os.MkdirTemp("", "shunt-e2e-bin-")
-		if buildErr != nil {
-			return
-		}
-		_, file, _, _ := runtime.Caller(0)
-		root := filepath.Join(filepath.Dir(file), "..", "..")
-		cmd := exec.Command("go", "build", "-o", binDir+"/", "./cmd/shuntd", "./cmd/shuntctl")
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return filepath.Join(binDir, "shuntd"), filepath.Join(binDir, "shuntctl")
-}
 
 // agentProc is a shuntd started in the test's node network namespace, attached
 // to the test's cgroup, pinning under the test's bpffs folder.
@@ -68,7 +39,7 @@ var metricsPort = struct {
 
 func newAgent(t testing.TB, env *harness.Env, config string) *agentProc {
 	t.Helper()
-	shuntd, shuntctl := binaries(t)
+	shuntd, shuntctl := harness.AgentBinaries(t)
 	dir := t.TempDir()
 	metricsPort.Lock()
 	port := metricsPort.next

@@ -719,6 +719,7 @@ func Main(m *testing.M) {
 	}
 	code := m.Run()
 	removeAppBinary()
+	removeAgentBinaries()
 	sweepAppBinaries() // e.g. of child test binaries that panicked
 	for _, l := range FindLeaks() {
 		if _, stale := staleAtStart.Load(l.Path); stale && !l.Own {

@@ -11,7 +11,6 @@ import (
 	"reflect"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,35 +20,9 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/shuntmesh/shunt/mesh/maglev"
+	"github.com/shuntmesh/shunt/test/harness"
 	"github.com/shuntmesh/shunt/test/kube"
 )
-
-var (
-	buildOnce sync.Once
-	binDir    string
-	buildErr  error
-)
-
-// binaries builds the real shuntd and shuntctl once per test binary, into
-// one folder per user that every run overwrites (nothing accumulates).
-func binaries(t testing.TB) (shuntd, shuntctl string) {
-	t.Helper()
-	buildOnce.Do(func() {
-		binDir = filepath.Join(os.TempDir(), fmt.Sprintf("shunt-ops-bin-%d", os.Getuid()))
-		if buildErr = os.MkdirAll(binDir, 0o700); buildErr != nil {
-			return
-		}
-		cmd := exec.Command("go", "build", "-o", binDir+"/", "./cmd/shuntd", "./cmd/shuntctl")
-		cmd.Dir = Root()
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return filepath.Join(binDir, "shuntd"), filepath.Join(binDir, "shuntctl")
-}
 
 // rendering is the chart rendered with one set of values, decoded.
 type rendering struct {
@@ -155,7 +128,7 @@ func TestChartLint(t *testing.T) {
 // the seed, and the same alert rules and dashboard as deploy/.
 func TestChartRender(t *testing.T) {
 	h := NewHelm(t)
-	shuntd, _ := binaries(t)
+	shuntd, _ := harness.AgentBinaries(t)
 	full := render(t, h, "values-full", "testdata/values-full.yaml")
 	for _, r := range []*rendering{
 		render(t, h, "defaults"),

@@ -12,42 +12,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/shuntmesh/shunt/agent/xdp"
 	"github.com/shuntmesh/shunt/test/harness"
 )
-
-var (
-	buildOnce sync.Once
-	binDir    string
-	buildErr  error
-)
-
-// binaries builds the real shuntd and shuntctl once per test binary.
-func binaries(t testing.TB) (shuntd, shuntctl string) {
-	t.Helper()
-	buildOnce.Do(func() {
-		binDir, buildErr = os.MkdirTemp("", "shunt-xdp-bin-")
-		if buildErr != nil {
-			return
-		}
-		_, file, _, _ := runtime.Caller(0)
-		cmd := exec.Command("go", "build", "-o", binDir+"/", "./cmd/shuntd", "./cmd/shuntctl")
-		cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return filepath.Join(binDir, "shuntd"), filepath.Join(binDir, "shuntctl")
-}
 
 // shuntd is one agent process in the node namespace (a "node" of its own:
 // its own bpffs folder, API socket and state), with its socket LB attached
@@ -67,7 +38,7 @@ type shuntd struct {
 
 func (c *lbCluster) startAgent(name, xdpYAML string) *shuntd {
 	c.t.Helper()
-	bin, ctl := binaries(c.t)
+	bin, ctl := harness.AgentBinaries(c.t)
 	dir := c.t.TempDir()
 	a := &shuntd{t: c.t, c: c, name: name, socket: filepath.Join(dir, "sock"), state: filepath.Join(dir, "state.json"),
 		root: filepath.Join(c.env.BPFFSPath(), "agent-"+name), bin: bin, ctl: ctl, cfg: filepath.Join(dir, "shunt.yaml")}
