@@ -2,6 +2,7 @@ package bench
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -45,21 +46,11 @@ type K8sOptions struct {
 }
 
 func (o K8sOptions) withDefaults() K8sOptions {
-	if o.Services == 0 {
-		o.Services = 3000
-	}
-	if o.Endpoints == 0 {
-		o.Endpoints = 30
-	}
-	if o.Updates == 0 {
-		o.Updates = 40
-	}
-	if o.Reps == 0 {
-		o.Reps = 5
-	}
-	if o.Seed == 0 {
-		o.Seed = 1
-	}
+	o.Services = cmp.Or(o.Services, 3000)
+	o.Endpoints = cmp.Or(o.Endpoints, 30)
+	o.Updates = cmp.Or(o.Updates, 40)
+	o.Reps = cmp.Or(o.Reps, 5)
+	o.Seed = cmp.Or(o.Seed, 1)
 	return o
 }
 

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -28,18 +29,10 @@ type UpdateOptions struct {
 }
 
 func (o UpdateOptions) withDefaults() UpdateOptions {
-	if o.Services == 0 {
-		o.Services = 3000
-	}
-	if o.Backends == 0 {
-		o.Backends = 30
-	}
-	if o.Updates == 0 {
-		o.Updates = 200
-	}
-	if o.Seed == 0 {
-		o.Seed = 1
-	}
+	o.Services = cmp.Or(o.Services, 3000)
+	o.Backends = cmp.Or(o.Backends, 30)
+	o.Updates = cmp.Or(o.Updates, 200)
+	o.Seed = cmp.Or(o.Seed, 1)
 	return o
 }
 

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -40,27 +41,13 @@ type XDSOptions struct {
 }
 
 func (o XDSOptions) withDefaults() XDSOptions {
-	if o.Services == 0 {
-		o.Services = 3000
-	}
-	if o.Backends == 0 {
-		o.Backends = 30
-	}
-	if o.Clients == 0 {
-		o.Clients = 100
-	}
-	if o.Changes == 0 {
-		o.Changes = 100
-	}
-	if o.Reps == 0 {
-		o.Reps = 5
-	}
-	if o.Interval == 0 {
-		o.Interval = 20 * time.Millisecond
-	}
-	if o.Seed == 0 {
-		o.Seed = 1
-	}
+	o.Services = cmp.Or(o.Services, 3000)
+	o.Backends = cmp.Or(o.Backends, 30)
+	o.Clients = cmp.Or(o.Clients, 100)
+	o.Changes = cmp.Or(o.Changes, 100)
+	o.Reps = cmp.Or(o.Reps, 5)
+	o.Interval = cmp.Or(o.Interval, 20*time.Millisecond)
+	o.Seed = cmp.Or(o.Seed, 1)
 	return o
 }
 
