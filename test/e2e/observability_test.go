@@ -621,7 +621,7 @@ type obsAgent struct {
 // killed by PID and its pins removed when the test ends.
 func startObsAgent(t *testing.T, env *harness.Env, name, config string) *obsAgent {
 	t.Helper()
-	shuntd, shuntctl := binaries(t)
+	shuntd, shuntctl := harness.AgentBinaries(t)
 	dir := t.TempDir()
 	port, err := ops.FreePort()
 	if err != nil {

@@ -383,7 +383,7 @@ func TestRestartAdoptsAndMigratesAndRefusesForeignLayout(t *testing.T) {
 		t.Fatal(err)
 	}
 	meta.Close()
-	shuntd, _ := binaries(t)
+	shuntd, _ := harness.AgentBinaries(t)
 	out, err := c.env.Node().ExecOpts(harness.ProcOpts{Timeout: 20 * time.Second}, shuntd, "-config", a.cfgPath, "-api-socket", a.socket, "-metrics-addr", "")
 	if err == nil || !strings.Contains(string(out), "layout version 99") {
 		t.Errorf("foreign layout: err=%v\n%s", err, out)

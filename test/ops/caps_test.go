@@ -241,7 +241,7 @@ var agentRuns int
 
 func startChartAgent(t *testing.T, r *rendering, env *harness.Env, o chartAgentOpts) *chartAgent {
 	t.Helper()
-	shuntd, shuntctl := binaries(t)
+	shuntd, shuntctl := harness.AgentBinaries(t)
 	agentRuns++
 	a := &chartAgent{t: t, dir: o.stateDir, root: o.root, shuntctl: shuntctl, done: make(chan struct{}), log: &harness.SyncBuffer{}}
 	if a.dir == "" {
