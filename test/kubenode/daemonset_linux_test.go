@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -26,6 +27,7 @@ import (
 
 	"github.com/shuntmesh/shunt/agent"
 	"github.com/shuntmesh/shunt/agent/datapath"
+	"github.com/shuntmesh/shunt/agent/k8s"
 	"github.com/shuntmesh/shunt/test/harness"
 	"github.com/shuntmesh/shunt/test/kube"
 	"github.com/shuntmesh/shunt/test/kubenode"
@@ -221,8 +223,64 @@ func testDaemonSet(t *testing.T) {
 	}
 	t.Logf("%d connections to %s: per backend %v; agent: %d translations", conns, vip, r.Backends, s1.Translations-s0.Translations)
 
+	// Accelerated: a sidecar pair. Both pods carry Istio's status
+	// annotation and an istio-proxy container (a Go proxy as uid 1337 on
+	// 15001/15006); the app's connection to the Service is steered to its
+	// sidecar, the sidecar's to the server pod's inbound listener, and with
+	// sockmap auto (the agent's self-test passed in its container) the
+	// sidecar-to-sidecar hop is short-circuited: sends are redirected from
+	// socket to socket, every byte echoed and checked.
+	front, meshVIP := d.sidecarPair(c, podA)
+	if st := d.agentStatus(c, podA); !st.SockmapSelfTest.Passed {
+		t.Fatalf("the agent's sockmap self-test failed in its container: %+v", st.SockmapSelfTest)
+	}
+	const meshConns, askBytes = 20, 4096
+	f0, _ := d.podStatus(c, podA, "mesh/front")
+	e0, _ := d.podStatus(c, podA, "mesh/echo")
+	out, err := n.Exec(c, front, "app", kubenode.AppPath, "connect", "--target", meshVIP.String(), "--count", strconv.Itoa(meshConns),
+		"--echo", strconv.Itoa(askBytes), "--timeout", "10s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mr, err := harness.ParseConnectResult(out)
+	if err != nil {
+		t.Fatalf("connect output %q: %v", out, err)
+	}
+	if diff := answeredBy(mr, meshConns, "echo"); diff != "" {
+		t.Fatalf("front -> %s through both sidecars: %s", meshVIP, diff)
+	}
+	f1, _ := d.podStatus(c, podA, "mesh/front")
+	e1, _ := d.podStatus(c, podA, "mesh/echo")
+	delta := func(a, b agent.PodStatus, k string) uint64 { return b.Counters[k] - a.Counters[k] }
+	for _, x := range []struct {
+		pod, counter string
+		got, want    uint64
+	}{
+		{"front", "steer_outbound", delta(f0, f1, "steer_outbound"), meshConns}, // app -> its sidecar
+		{"front", "steer_inbound", delta(f0, f1, "steer_inbound"), meshConns},   // sidecar -> echo's inbound listener
+		{"front", "sock_insert", delta(f0, f1, "sock_insert"), meshConns},
+		{"echo", "origdst_answer", delta(e0, e1, "origdst_answer"), meshConns},
+		{"echo", "sock_insert", delta(e0, e1, "sock_insert"), meshConns},
+	} {
+		if x.got != x.want {
+			t.Errorf("pod %s: %s grew by %d, want %d", x.pod, x.counter, x.got, x.want)
+		}
+	}
+	for _, x := range []struct {
+		pod  string
+		a, b agent.PodStatus
+	}{{"front", f0, f1}, {"echo", e0, e1}} {
+		if delta(x.a, x.b, "msg_redirect") == 0 || delta(x.a, x.b, "bytes_redirect") < meshConns*askBytes {
+			t.Errorf("pod %s: %d sends / %d bytes redirected, want at least the %d echoed bytes", x.pod,
+				delta(x.a, x.b, "msg_redirect"), delta(x.a, x.b, "bytes_redirect"), meshConns*askBytes)
+		}
+	}
+	t.Logf("sidecar pair: %d connections through both sidecars; sockmap short-cut front %d sends / %d bytes, echo %d sends / %d bytes",
+		meshConns, delta(f0, f1, "msg_redirect"), delta(f0, f1, "bytes_redirect"), delta(e0, e1, "msg_redirect"), delta(e0, e1, "bytes_redirect"))
+
 	// Upgrade to tag B while a client opens a connection every 10 ms (each
-	// echoing 512 checked bytes) and one long stream flows.
+	// echoing 512 checked bytes) and one long stream flows; a second stream
+	// runs through the accelerated sidecar pair.
 	loop, err := n.StartExec(client, "app", kubenode.AppPath, "connect", "--target", vip.String(), "--duration", "15m",
 		"--interval", "10ms", "--echo", "512", "--timeout", "10s")
 	if err != nil {
@@ -233,7 +291,15 @@ func testDaemonSet(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	fBefore, _ := d.podStatus(c, podA, "mesh/front")
+	eBefore, _ := d.podStatus(c, podA, "mesh/echo")
+	meshStream, err := n.StartExec(front, "app", kubenode.AppPath, "stream", "--target", meshVIP.String(), "--bytes", "100000000000",
+		"--chunk", "1000", "--rate-pause", "5ms", "--timeout", "30s")
+	if err != nil {
+		t.Fatal(err)
+	}
 	d.waitTranslations(c, podA, vip, s1.Translations+20, "the client loop running")
+	d.waitRedirected(c, podA, fBefore, eBefore, "the stream through the sidecar pair short-circuited before the upgrade")
 	linksA := d.pinnedLinks(t)
 	start = time.Now()
 	d.helm("upgrade", dsRelease, ops.ChartDir, "--values", d.values, "--set", "image.tag="+tagB)
@@ -248,9 +314,23 @@ func testDaemonSet(t *testing.T) {
 	if logs, _ := n.Logs(podB, "shuntd"); !strings.Contains(logs, "adopted=true") {
 		t.Errorf("the new agent's log does not say it adopted the pinned datapath:\n%s", tail(logs, 30))
 	}
-	// Traffic keeps flowing through the new agent's programs.
+	// Traffic keeps flowing through the new agent's programs, and the
+	// stream through the sidecar pair, whose sockets stay in the pinned
+	// sockhash, keeps being short-circuited by the new sk_msg program. (The
+	// new agent numbers the pods anew: their counters start from zero.)
 	sB, _ := d.service(c, podB, vip)
 	d.waitTranslations(c, podB, vip, sB.Translations+50, "connections after the upgrade")
+	var fB, eB agent.PodStatus
+	d.eventually("sidecar pair enrolled by the new agent", func() string {
+		var ok1, ok2 bool
+		fB, ok1 = d.podStatus(c, podB, "mesh/front")
+		eB, ok2 = d.podStatus(c, podB, "mesh/echo")
+		if !ok1 || !ok2 {
+			return "not enrolled yet"
+		}
+		return ""
+	})
+	d.waitRedirected(c, podB, fB, eB, "the stream through the sidecar pair short-circuited after the upgrade")
 	objsB := d.checkAttachment(t)
 	linksB := d.pinnedLinks(t)
 	if !maps.Equal(linksA, linksB) {
@@ -264,13 +344,15 @@ func testDaemonSet(t *testing.T) {
 			t.Errorf("program %d of the old agent still attached after the upgrade", id)
 		}
 	}
-	if err := stream.Signal(c, syscall.SIGTERM); err != nil {
-		t.Fatal(err)
+	for _, e := range []*kubenode.Exec{stream, meshStream} {
+		if err := e.Signal(c, syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := loop.Signal(c, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	out, err := loop.Wait(c)
+	out, err = loop.Wait(c)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -281,19 +363,10 @@ func testDaemonSet(t *testing.T) {
 	if lr.Fail != 0 || lr.OK < 100 || len(lr.Backends) != 3 {
 		t.Errorf("connections across the upgrade: %d ok, %d failed %v, backends %v; want none failed, all 3 backends", lr.OK, lr.Fail, lr.Errors, lr.Backends)
 	}
-	out, err = stream.Wait(c)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sr harness.StreamResult
-	if err := json.Unmarshal(lastLine(out), &sr); err != nil {
-		t.Fatalf("stream output %q: %v", out, err)
-	}
-	if !sr.OK || sr.Sent == 0 || sr.Sent != sr.Received || sr.SHA256Sent != sr.SHA256Received {
-		t.Errorf("stream across the upgrade: %+v", sr)
-	}
-	t.Logf("across the upgrade: %d connections (each echoing 512 bytes) all ok over %v; one stream of %d bytes to %s echoed and verified",
-		lr.OK, lr.Backends, sr.Sent, sr.Backend)
+	sr := streamResult(t, c, stream, "stream across the upgrade")
+	msr := streamResult(t, c, meshStream, "stream through the sidecar pair across the upgrade")
+	t.Logf("across the upgrade: %d connections (each echoing 512 bytes) all ok over %v; a stream of %d bytes to %s and one of %d bytes through the sidecar pair (sockmap before and after), echoed and verified",
+		lr.OK, lr.Backends, sr.Sent, sr.Backend, msr.Sent)
 
 	// Uninstall: the agent removes its datapath, the kubelet its pod.
 	all := objsA.union(objsB)
@@ -331,21 +404,19 @@ func (d *dsTest) helm(args ...string) {
 	}
 }
 
-// cleanup uninstalls the release if the test did not, waits for the agent's
-// pods to go (the agent then removes its datapath) and removes what it may
-// have left pinned.
+// cleanup uninstalls the release if the test did not (deleting the
+// DaemonSet when helm cannot), waits for the agent's pods to go (the agent
+// then removes its datapath) and removes what it may have left pinned.
 func (d *dsTest) cleanup() {
 	t := d.t
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	ds := &appsv1.DaemonSet{}
-	ds.Name, ds.Namespace = dsRelease, dsNamespace
-	if err := d.c.Get(ctx, ds); err == nil {
-		if _, err := d.h.Run("uninstall", dsRelease, "--kubeconfig", d.cp.AdminKubeconfig, "--namespace", dsNamespace); err != nil {
-			t.Errorf("cleanup: %v", err)
-			if err := d.c.Delete(ctx, ds); err != nil && !kube.NotFound(err) {
-				t.Errorf("cleanup: delete DaemonSet: %v", err)
-			}
+	if _, err := d.h.Run("uninstall", dsRelease, "--ignore-not-found", "--kubeconfig", d.cp.AdminKubeconfig, "--namespace", dsNamespace); err != nil {
+		t.Errorf("cleanup: %v", err)
+		ds := &appsv1.DaemonSet{}
+		ds.Name, ds.Namespace = dsRelease, dsNamespace
+		if err := d.c.Delete(ctx, ds); err != nil && !kube.NotFound(err) {
+			t.Errorf("cleanup: delete DaemonSet: %v", err)
 		}
 	}
 	for {
@@ -354,7 +425,7 @@ func (d *dsTest) cleanup() {
 			break
 		}
 		if ctx.Err() != nil {
-			t.Errorf("cleanup: agent pods still there: %v", err)
+			t.Errorf("cleanup: agent pods still there: %d %v", len(pods), err)
 			break
 		}
 		time.Sleep(200 * time.Millisecond)
@@ -424,13 +495,25 @@ func (d *dsTest) checkAgentPod(ctx context.Context, p *corev1.Pod, tag string) {
 	}
 }
 
-// shuntctl runs the image's shuntctl in the agent's container.
+// shuntctl runs the image's shuntctl in the agent's container and decodes
+// its JSON output. An exec whose output got lost (ctr's output fifos on a
+// loaded machine) is retried.
 func (d *dsTest) shuntctl(ctx context.Context, p *corev1.Pod, out any, args ...string) error {
-	b, err := d.n.Exec(ctx, p, "shuntd", append([]string{"/usr/local/bin/shuntctl"}, args...)...)
-	if err != nil {
-		return err
+	var err error
+	for try := 0; try < 5; try++ {
+		if try > 0 {
+			time.Sleep(time.Second)
+		}
+		var b []byte
+		if b, err = d.n.Exec(ctx, p, "shuntd", append([]string{"/usr/local/bin/shuntctl"}, args...)...); err != nil {
+			continue
+		}
+		if err = json.Unmarshal(b, out); err == nil {
+			return nil
+		}
+		err = fmt.Errorf("shuntctl %s: output %q: %w", strings.Join(args, " "), b, err)
 	}
-	return json.Unmarshal(b, out)
+	return err
 }
 
 func (d *dsTest) agentStatus(ctx context.Context, p *corev1.Pod) agent.Status {
@@ -749,4 +832,93 @@ func dirNames(dir string) ([]string, error) {
 		out = append(out, e.Name())
 	}
 	return out, err
+}
+
+// streamResult waits for a stream (podapp stream) that was sent SIGTERM
+// and checks that every byte was echoed unchanged.
+func streamResult(t *testing.T, ctx context.Context, e *kubenode.Exec, what string) harness.StreamResult {
+	t.Helper()
+	out, err := e.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sr harness.StreamResult
+	if err := json.Unmarshal(lastLine(out), &sr); err != nil {
+		t.Fatalf("%s: output %q: %v", what, out, err)
+	}
+	if !sr.OK || sr.Sent == 0 || sr.Sent != sr.Received || sr.SHA256Sent != sr.SHA256Received {
+		t.Errorf("%s: %+v", what, sr)
+	}
+	return sr
+}
+
+// waitRedirected waits until the agent of pod p has redirected at least
+// 100 kB more of each sidecar's sends (pods mesh/front and mesh/echo,
+// counters front0 and echo0 before) from socket to socket, none of them
+// sent through TCP instead.
+func (d *dsTest) waitRedirected(ctx context.Context, p *corev1.Pod, front0, echo0 agent.PodStatus, what string) {
+	d.t.Helper()
+	const want = 100_000
+	d.eventually(what, func() string {
+		for _, x := range []struct {
+			name string
+			was  agent.PodStatus
+		}{{"front", front0}, {"echo", echo0}} {
+			now, ok := d.podStatus(ctx, p, "mesh/"+x.name)
+			if !ok || now.ID != x.was.ID {
+				return fmt.Sprintf("pod %s: enrolled %v, id %d (was %d)", x.name, ok, now.ID, x.was.ID)
+			}
+			if tcp := now.Counters["bytes_tcp"] - x.was.Counters["bytes_tcp"]; tcp != 0 {
+				d.t.Fatalf("%s: pod %s sent %d bytes through TCP instead of redirecting them", what, x.name, tcp)
+			}
+			if got := now.Counters["bytes_redirect"] - x.was.Counters["bytes_redirect"]; got < want {
+				return fmt.Sprintf("pod %s: %d bytes redirected, waiting for %d", x.name, got, want)
+			}
+		}
+		return ""
+	})
+}
+
+// sidecarPair runs, in the labelled namespace "mesh", a server pod "echo"
+// behind a Service and a client pod "front", each with an Istio-style
+// sidecar, and waits until the agent of pod p has enrolled both with their
+// sidecars and has the Service.
+func (d *dsTest) sidecarPair(ctx context.Context, p *corev1.Pod) (front *corev1.Pod, vip netip.AddrPort) {
+	t := d.t
+	t.Helper()
+	const ns = "mesh"
+	if err := d.c.Namespace(ctx, ns, map[string]string{"shunt.dev/enabled": "true"}); err != nil {
+		t.Fatal(err)
+	}
+	pod := func(name string, labels map[string]string, app corev1.Container) *corev1.Pod {
+		proxy := kubenode.AppContainer("istio-proxy", "sidecar", "--outbound", "127.0.0.1:15001", "--inbound", "0.0.0.0:15006")
+		uid := int64(1337)
+		proxy.SecurityContext = &corev1.SecurityContext{RunAsUser: &uid, RunAsGroup: &uid}
+		pod := d.n.NewPod(ns, name, labels, app, proxy)
+		pod.Annotations = map[string]string{k8s.IstioStatus: `{"initContainers":["istio-init"],"containers":["istio-proxy"]}`}
+		return d.runPod(pod)
+	}
+	echo := pod("echo", map[string]string{"app": "echo"}, kubenode.ServeContainer(8080))
+	front = pod("front", nil, kubenode.AppContainer("app", "pause"))
+	svc := webService(ns)
+	svc.Spec.Selector = map[string]string{"app": "echo"}
+	if err := d.c.Create(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	vip = netip.AddrPortFrom(netip.MustParseAddr(svc.Spec.ClusterIP), 80)
+	d.eventually("sidecar pair ready and enrolled", func() string {
+		for _, q := range []*corev1.Pod{echo, front} {
+			if logs, err := d.n.Logs(q, "istio-proxy"); err != nil || !strings.Contains(logs, "READY\n") {
+				return fmt.Sprintf("sidecar of %s not listening: %q %v", q.Name, logs, err)
+			}
+			if st, ok := d.podStatus(ctx, p, ns+"/"+q.Name); !ok || st.Sidecar == nil || st.Cookie == 0 {
+				return fmt.Sprintf("%s not enrolled with its sidecar: %+v", q.Name, st)
+			}
+		}
+		if s, ok := d.service(ctx, p, vip); !ok || backendsOf(s) != endpoints(8080, echo) {
+			return fmt.Sprintf("service %s: %+v", vip, s)
+		}
+		return ""
+	})
+	return front, vip
 }

@@ -352,6 +352,9 @@ func deleteBridge() error {
 	for _, ifc := range ifs {
 		if m, err := os.Readlink(filepath.Join("/sys/class/net", ifc.Name, "master")); err == nil && filepath.Base(m) == br.Name {
 			if out, err := exec.Command("ip", "link", "del", ifc.Name).CombinedOutput(); err != nil {
+				if _, gone := net.InterfaceByName(ifc.Name); gone != nil {
+					continue // its pod's network namespace went meanwhile, and the veth with it
+				}
 				errs = append(errs, fmt.Errorf("ip link del %s: %v: %s", ifc.Name, err, bytes.TrimSpace(out)))
 			}
 		}
