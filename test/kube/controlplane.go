@@ -9,9 +9,11 @@
 // version taken from test/k8s/go.mod. Missing binaries fail the test (CI
 // builds them first); they never skip it.
 //
-// There is no kube-controller-manager: tests create the default
+// By default there is no kube-controller-manager: tests create the default
 // ServiceAccount of their namespaces (Pods need it), their EndpointSlices,
-// and force-delete pods.
+// and force-delete pods. Options.Controllers runs kube-controller-manager
+// with the controllers named, Options.Scheduler kube-scheduler (both built
+// by `scripts/build-k8s.sh kube-controller-manager kube-scheduler`).
 package kube
 
 import (
