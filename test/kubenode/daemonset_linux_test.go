@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -493,6 +495,18 @@ func (d *dsTest) checkAgentPod(ctx context.Context, p *corev1.Pod, tag string) {
 	}
 	if !p.Spec.HostNetwork || !p.Spec.HostPID || p.Status.PodIP != kubenode.NodeIP.String() {
 		d.t.Errorf("pod %s: hostNetwork %v hostPID %v IP %s", p.Name, p.Spec.HostNetwork, p.Spec.HostPID, p.Status.PodIP)
+	}
+	// Its metrics on the node's address and the chart's port (host
+	// network), from this agent.
+	hc := http.Client{Timeout: 30 * time.Second}
+	resp, err := hc.Get(fmt.Sprintf("http://%s/metrics", net.JoinHostPort(kubenode.NodeIP.String(), strconv.Itoa(d.mport))))
+	if err != nil {
+		d.t.Fatalf("metrics: %v", err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || !strings.Contains(string(body), `version="`+tag+`"`) {
+		d.t.Errorf("metrics on the node's port %d: %v; no shunt_build_info of version %s:\n%s", d.mport, err, tag, tail(string(body), 10))
 	}
 }
 
