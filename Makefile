@@ -8,12 +8,13 @@ all: build
 build:
 	$(GO) build -o bin/ ./cmd/...
 
-# Also builds the real Kubernetes binaries the tests run (kube-apiserver, and
-# the kubelet of test/kubenode's real node) and helm for the chart's tests,
+# Also builds the real Kubernetes binaries the tests run (kube-apiserver; the
+# kubelet of test/kubenode's real node, and kube-controller-manager and
+# kube-scheduler for its DaemonSet) and helm for the chart's tests,
 # from the Go module proxy, cached outside the clone; skipped when present.
 deps:
 	./scripts/install-deps.sh
-	./scripts/build-k8s.sh kube-apiserver kubelet
+	./scripts/build-k8s.sh kube-apiserver kubelet kube-controller-manager kube-scheduler
 	./scripts/build-helm.sh
 
 # Regenerate the bpf2go bindings and objects (needs clang-19, llvm-strip-19).
@@ -45,13 +46,11 @@ bench-sidecar: deps build
 
 # shuntd's container image, built locally without a registry or engine: a
 # one-layer OCI archive of static shuntd and shuntctl, named as the chart's
-# default image. Import it on a node: ctr -n k8s.io images import bin/shuntd-image.tar
+# default image (scripts/build-image.sh; test/kubenode's DaemonSet test builds
+# it the same way). Import it on a node: ctr -n k8s.io images import bin/shuntd-image.tar
 VERSION ?= $(shell sed -nE 's/^appVersion: *"?([^"]*)"?/\1/p' deploy/helm/shunt/Chart.yaml)
 image:
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X github.com/shuntmesh/shunt/agent.Version=$(VERSION)" -o bin/image/ ./cmd/shuntd ./cmd/shuntctl
-	$(GO) run ./test/ociimage/mkimage -o bin/shuntd-image.tar -name docker.io/shunt/shuntd:$(VERSION) \
-		-entrypoint /usr/local/bin/shuntd \
-		bin/image/shuntd=/usr/local/bin/shuntd:0755 bin/image/shuntctl=/usr/local/bin/shuntctl:0755
+	./scripts/build-image.sh -o bin/shuntd-image.tar -v $(VERSION)
 
 clean:
 	rm -rf bin

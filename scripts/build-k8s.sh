@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the real Kubernetes control plane binaries the integration tests run
-# (kube-apiserver, optionally kubelet) from the Go module proxy, using the
+# (kube-apiserver, optionally kubelet and kube-controller-manager) from the Go
+# module proxy, using the
 # pinned module in test/k8s, into a cache OUTSIDE the clone keyed by version:
 #
-#   ${SHUNT_CACHE:-/var/cache/shunt}/k8s/<version>/{kube-apiserver,kubelet,etcd,kubectl}
+#   ${SHUNT_CACHE:-/var/cache/shunt}/k8s/<version>/{kube-apiserver,kubelet,kube-controller-manager,etcd,kubectl}
 #
 # etcd is a symlink to the Debian etcd-server package's etcd (and kubectl to
 # the machine's, if any), so the directory is a complete KUBEBUILDER_ASSETS for
@@ -11,7 +12,8 @@
 # not rebuilt (a cold kube-apiserver build takes about 11 minutes on 2 cores,
 # the kubelet about 5 more).
 #
-# Usage: scripts/build-k8s.sh [kube-apiserver] [kubelet]   (default: kube-apiserver)
+# Usage: scripts/build-k8s.sh [kube-apiserver] [kubelet] [kube-controller-manager]
+#                                                           (default: kube-apiserver)
 #        scripts/build-k8s.sh --print-dir                   (prints the cache dir)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +57,7 @@ done
 pkgs=()
 for t in "${targets[@]}"; do
 	case $t in
-	kube-apiserver | kubelet) ;;
+	kube-apiserver | kubelet | kube-controller-manager | kube-scheduler) ;;
 	*) echo "build-k8s: unknown target $t" >&2; exit 2 ;;
 	esac
 	[[ -x $dir/$t ]] && continue

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"strings"
 
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -100,6 +101,8 @@ func Path(obj any) (string, error) {
 		return "/api/v1" + ns(o.Namespace) + "/services", nil
 	case *corev1.ServiceAccount:
 		return "/api/v1" + ns(o.Namespace) + "/serviceaccounts", nil
+	case *appsv1.DaemonSet:
+		return "/apis/apps/v1" + ns(o.Namespace) + "/daemonsets", nil
 	case *discoveryv1.EndpointSlice:
 		return "/apis/discovery.k8s.io/v1" + ns(o.Namespace) + "/endpointslices", nil
 	case *rbacv1.ClusterRole:

@@ -9,9 +9,11 @@
 // version taken from test/k8s/go.mod. Missing binaries fail the test (CI
 // builds them first); they never skip it.
 //
-// There is no kube-controller-manager: tests create the default
+// By default there is no kube-controller-manager: tests create the default
 // ServiceAccount of their namespaces (Pods need it), their EndpointSlices,
-// and force-delete pods.
+// and force-delete pods. Options.Controllers runs kube-controller-manager
+// with the controllers named, Options.Scheduler kube-scheduler (both built
+// by `scripts/build-k8s.sh kube-controller-manager kube-scheduler`).
 package kube
 
 import (
@@ -52,6 +54,14 @@ type Options struct {
 	// Dir holds certificates, kubeconfigs and logs (default: a new
 	// temporary folder, removed by Close).
 	Dir string
+	// Controllers are the kube-controller-manager controllers to run
+	// (its --controllers, e.g. "daemonset", "garbagecollector"); empty:
+	// no controller manager runs. Needs `scripts/build-k8s.sh
+	// kube-controller-manager`.
+	Controllers []string
+	// Scheduler runs kube-scheduler, which binds pods created without a
+	// node (a DaemonSet's). Needs `scripts/build-k8s.sh kube-scheduler`.
+	Scheduler bool
 }
 
 // ControlPlane is a running etcd + kube-apiserver.
@@ -66,6 +76,8 @@ type ControlPlane struct {
 	mu        sync.Mutex
 	etcd      *exec.Cmd
 	apiserver *exec.Cmd
+	// kube-controller-manager and kube-scheduler, when asked for.
+	controllers []*exec.Cmd
 
 	// CA is the cluster CA (PEM); it signed the serving and client certs.
 	CA []byte
@@ -155,6 +167,11 @@ func Start(t testing.TB, opts Options) *ControlPlane {
 		t.Cleanup(func() {
 			if t.Failed() {
 				t.Logf("kube-apiserver log tail:\n%s", cp.Tail("kube-apiserver.log"))
+				for _, l := range []string{"kube-controller-manager.log", "kube-scheduler.log"} {
+					if _, err := os.Stat(filepath.Join(cp.dir, l)); err == nil {
+						t.Logf("%s tail:\n%s", l, cp.Tail(l))
+					}
+				}
 			}
 			cp.Close()
 		})
@@ -244,7 +261,71 @@ func Launch(opts Options) (*ControlPlane, error) {
 		"--enable-priority-and-fairness=false",
 		"--profiling=false",
 	}, opts.ExtraArgs...)
-	return cp, cp.StartAPIServerErr()
+	if err := cp.StartAPIServerErr(); err != nil {
+		return cp, err
+	}
+	if len(opts.Controllers) > 0 {
+		if err := cp.startControllerManager(opts.Controllers); err != nil {
+			return cp, err
+		}
+	}
+	if opts.Scheduler {
+		if err := cp.startScheduler(); err != nil {
+			return cp, err
+		}
+	}
+	return cp, nil
+}
+
+// startControllerManager runs kube-controller-manager with controllers,
+// as a member of system:masters, no leader election, no serving port. It
+// publishes the cluster CA (kube-root-ca.crt) for pods' ServiceAccount
+// tokens when root-ca-cert-publisher runs.
+func (cp *ControlPlane) startControllerManager(controllers []string) error {
+	bin, err := FindBinary("kube-controller-manager")
+	if err != nil {
+		return err
+	}
+	kc, err := cp.Kubeconfig("system:kube-controller-manager", "system:masters")
+	if err != nil {
+		return err
+	}
+	return cp.startComponent(bin, "kube-controller-manager.log",
+		"--kubeconfig="+kc, "--controllers="+strings.Join(controllers, ","),
+		"--leader-elect=false", "--secure-port=0",
+		"--root-ca-file="+filepath.Join(cp.dir, "ca.crt"), "--v=2")
+}
+
+// startScheduler runs kube-scheduler as a member of system:masters, no
+// leader election, no serving port.
+func (cp *ControlPlane) startScheduler() error {
+	bin, err := FindBinary("kube-scheduler")
+	if err != nil {
+		return err
+	}
+	kc, err := cp.Kubeconfig("system:kube-scheduler", "system:masters")
+	if err != nil {
+		return err
+	}
+	return cp.startComponent(bin, "kube-scheduler.log", "--kubeconfig="+kc, "--leader-elect=false", "--secure-port=0", "--v=2")
+}
+
+// startComponent runs a control plane component that needs nothing but
+// the API server; Close stops it.
+func (cp *ControlPlane) startComponent(bin, logName string, args ...string) error {
+	cmd := exec.Command(bin, args...)
+	if err := cp.spawn(cmd, logName); err != nil {
+		return fmt.Errorf("%s: %w", filepath.Base(bin), err)
+	}
+	cp.mu.Lock()
+	cp.controllers = append(cp.controllers, cmd)
+	cp.mu.Unlock()
+	// A wrong flag ends it at once: give it a moment to fail visibly.
+	time.Sleep(500 * time.Millisecond)
+	if exited(cmd) {
+		return fmt.Errorf("%s exited:\n%s", filepath.Base(bin), cp.Tail(logName))
+	}
+	return nil
 }
 
 // StartAPIServer (re)starts kube-apiserver with the same flags, port and
@@ -321,6 +402,9 @@ func (cp *ControlPlane) APIServerPID() int {
 // URL is the API server's address.
 func (cp *ControlPlane) URL() string { return fmt.Sprintf("https://127.0.0.1:%d", cp.port) }
 
+// Port is the API server's port on 127.0.0.1.
+func (cp *ControlPlane) Port() int { return cp.port }
+
 func (cp *ControlPlane) spawn(cmd *exec.Cmd, logName string) error {
 	f, err := os.OpenFile(filepath.Join(cp.dir, logName), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
@@ -389,8 +473,16 @@ func stopProc(cmd *exec.Cmd) {
 	doneChans.Delete(cmd)
 }
 
-// Close stops kube-apiserver and etcd and removes their files.
+// Close stops the controller manager and the scheduler, kube-apiserver
+// and etcd, and removes their files.
 func (cp *ControlPlane) Close() {
+	cp.mu.Lock()
+	comps := cp.controllers
+	cp.controllers = nil
+	cp.mu.Unlock()
+	for _, c := range comps {
+		stopProc(c)
+	}
 	cp.StopAPIServer()
 	cp.mu.Lock()
 	etcd := cp.etcd
@@ -406,7 +498,7 @@ func (cp *ControlPlane) Close() {
 }
 
 // Tail returns the last lines of one of the logs (etcd.log,
-// kube-apiserver.log).
+// kube-apiserver.log, kube-controller-manager.log, kube-scheduler.log).
 func (cp *ControlPlane) Tail(name string) string {
 	data, _ := os.ReadFile(filepath.Join(cp.dir, name))
 	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")

@@ -48,11 +48,21 @@
 // sandbox image. Nodes are serialized across test binaries with a lock on the
 // Kubernetes binaries' cache folder (the bridge name and subnet are fixed).
 //
-// There is no kube-controller-manager: tests create the default
+// By default there is no kube-controller-manager: tests create the default
 // ServiceAccount of their namespaces (kube.Client.Namespace), the
 // EndpointSlices (Node.EndpointSlice, from the pods' addresses and Ready
 // conditions) and force-delete pods (Node.DeletePod). Pods do not mount a
-// ServiceAccount token (no kube-root-ca.crt ConfigMap is published).
+// ServiceAccount token (no kube-root-ca.crt ConfigMap is published). A test
+// that needs controllers (a DaemonSet, garbage collection) asks test/kube
+// for kube-controller-manager and kube-scheduler (kube.Options.Controllers,
+// Scheduler), as TestDaemonSetOnRealNode does for the Helm chart.
+//
+// For a pod that mounts node folders with HostToContainer propagation
+// (containerd requires a shared source), SharedBPFFS mounts a bpffs of the
+// node's own and SharedCgroup2 a bind of the machine's cgroup v2 hierarchy,
+// both shared and in the private folder (unmounted by the cleanup). Tests
+// wrap the nodes they start in CheckHost, which holds the machine's node
+// lock while it compares the machine before and after.
 //
 // As root, missing binaries or kernel features fail the test, never skip it;
 // without root it skips (and fails when $CI is set), as test/harness does.

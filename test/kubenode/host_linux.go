@@ -9,6 +9,12 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/shuntmesh/shunt/test/kube"
 )
 
 // Sysctls the kubelet writes (setupKernelTunables, unless
@@ -181,4 +187,78 @@ func (h *hostState) restore() []error {
 		}
 	}
 	return errs
+}
+
+// nodeLock is the machine-wide lock that serializes nodes (the bridge and
+// subnet are fixed): flock(2) on the Kubernetes binaries' cache folder
+// across processes, counted within this one so that CheckHost and the
+// nodes it starts share it.
+var nodeLock struct {
+	sync.Mutex
+	held int
+	f    *os.File
+}
+
+// lockNodes takes the machine's node lock (waiting for another process's
+// node to end) and returns the function that releases it.
+func lockNodes() (func(), error) {
+	nodeLock.Lock()
+	defer nodeLock.Unlock()
+	if nodeLock.held == 0 {
+		assets, err := kube.AssetsDir()
+		if err != nil {
+			return nil, err
+		}
+		f, err := os.Open(assets)
+		if err != nil {
+			return nil, fmt.Errorf("lock: %w", err)
+		}
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", assets, err)
+		}
+		nodeLock.f = f
+	}
+	nodeLock.held++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			nodeLock.Lock()
+			defer nodeLock.Unlock()
+			if nodeLock.held--; nodeLock.held == 0 {
+				nodeLock.f.Close() // releases the flock
+				nodeLock.f = nil
+			}
+		})
+	}, nil
+}
+
+// CheckHost runs fn as subtest name (fn starts nodes and the test removes
+// them) and fails t if the machine differs afterwards (TakeHostSnapshot,
+// Diff). It holds the machine's node lock from the first snapshot to the
+// last, so that another test binary's node cannot start in between and be
+// mistaken for traces of this one.
+func CheckHost(t *testing.T, name string, fn func(t *testing.T)) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Run(name, fn) // Start skips (or fails in CI): nothing to check
+		return
+	}
+	unlock, err := lockNodes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	before, err := TakeHostSnapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Run(name, fn)
+	after, err := TakeHostSnapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := after.Diff(before); len(d) > 0 {
+		t.Errorf("the node left traces:\n%s", strings.Join(d, "\n"))
+	}
 }

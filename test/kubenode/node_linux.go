@@ -80,7 +80,7 @@ type Node struct {
 	containerd *exec.Cmd
 	kubelet    *exec.Cmd
 	done       map[*exec.Cmd]chan struct{}
-	lock       *os.File
+	unlock     func() // releases the machine's node lock
 	execs      int
 }
 
@@ -147,15 +147,8 @@ func (n *Node) start() error {
 	}
 	n.ctr = bins["ctr"]
 	// One node at a time on this machine: the bridge and subnet are fixed.
-	assets, err := kube.AssetsDir()
-	if err != nil {
+	if n.unlock, err = lockNodes(); err != nil {
 		return err
-	}
-	if n.lock, err = os.Open(assets); err != nil {
-		return fmt.Errorf("lock: %w", err)
-	}
-	if err := unix.Flock(int(n.lock.Fd()), unix.LOCK_EX); err != nil {
-		return fmt.Errorf("lock %s: %w", assets, err)
 	}
 
 	n.reapStale()
@@ -358,10 +351,10 @@ func deleteBridge() error {
 	ifs, _ := net.Interfaces()
 	for _, ifc := range ifs {
 		if m, err := os.Readlink(filepath.Join("/sys/class/net", ifc.Name, "master")); err == nil && filepath.Base(m) == br.Name {
-			out, err := exec.Command("ip", "link", "del", ifc.Name).CombinedOutput()
-			if _, gone := net.InterfaceByName(ifc.Name); err != nil && gone == nil {
-				// Still there. (One that vanished meanwhile went with its
-				// network namespace, which is being torn down.)
+			if out, err := exec.Command("ip", "link", "del", ifc.Name).CombinedOutput(); err != nil {
+				if _, gone := net.InterfaceByName(ifc.Name); gone != nil {
+					continue // its pod's network namespace went meanwhile, and the veth with it
+				}
 				errs = append(errs, fmt.Errorf("ip link del %s: %v: %s", ifc.Name, err, bytes.TrimSpace(out)))
 			}
 		}
@@ -573,7 +566,7 @@ func (n *Node) importImages() error {
 		if err != nil {
 			return fmt.Errorf("image %s: %w", im.name, err)
 		}
-		if _, err := n.ctrRun(context.Background(), "images", "import", archive); err != nil {
+		if err := n.ImportImage(context.Background(), archive); err != nil {
 			return err
 		}
 	}
@@ -763,8 +756,8 @@ func (n *Node) cleanup() {
 			report("remove %s: %v", n.dir, err)
 		}
 	}
-	if n.lock != nil {
-		n.lock.Close() // releases the flock
+	if n.unlock != nil {
+		n.unlock()
 	}
 }
 

@@ -28,11 +28,7 @@ func ctx(t *testing.T) context.Context {
 // root, and a Service VIP is unreachable from a pod (no kube-proxy, no
 // default route). Cleanup leaves the machine as it was.
 func TestNodeRunsPods(t *testing.T) {
-	before, err := kubenode.TakeHostSnapshot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Run("node", func(t *testing.T) {
+	kubenode.CheckHost(t, "node", func(t *testing.T) {
 		cp := kube.Start(t, kube.Options{})
 		n := kubenode.Start(t, cp, kubenode.Options{})
 		c := ctx(t)
@@ -98,11 +94,4 @@ func TestNodeRunsPods(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
-	after, err := kubenode.TakeHostSnapshot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if d := after.Diff(before); len(d) > 0 {
-		t.Errorf("the node left traces:\n%s", strings.Join(d, "\n"))
-	}
 }

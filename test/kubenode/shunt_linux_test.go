@@ -268,22 +268,11 @@ func webService(ns string) *corev1.Service {
 // bytes; the backend set follows pods added and removed; a deleted pod
 // leaves the datapath. Then the node is gone and the machine is as before.
 func TestShuntOnRealNode(t *testing.T) {
-	before, err := kubenode.TakeHostSnapshot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Run("cluster", func(t *testing.T) {
+	kubenode.CheckHost(t, "cluster", func(t *testing.T) {
 		cl := newCluster(t)
 		t.Run("socketLB", cl.testSocketLB)
 		t.Run("sidecar", cl.testSidecar)
 	})
-	after, err := kubenode.TakeHostSnapshot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if d := after.Diff(before); len(d) > 0 {
-		t.Errorf("the node left traces:\n%s", strings.Join(d, "\n"))
-	}
 }
 
 func (cl *cluster) testSocketLB(t *testing.T) {

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -205,7 +206,13 @@ func checkDaemonSet(t *testing.T, r *rendering, k8s bool) {
 			host[v.Name] = v.HostPath.Path
 		}
 	}
-	for path, src := range map[string]string{"/sys/fs/bpf": "/sys/fs/bpf", "/sys/fs/cgroup": "/sys/fs/cgroup", "/run/shunt": "/run/shunt", "/var/lib/shunt": "/var/lib/shunt"} {
+	// The node's folders: hostPaths (values-full moves them), mounted where
+	// the agent expects them.
+	want := map[string]string{"/sys/fs/bpf": "/sys/fs/bpf", "/sys/fs/cgroup": "/sys/fs/cgroup", "/run/shunt": "/run/shunt", "/var/lib/shunt": "/var/lib/shunt"}
+	if r.name == "values-full" {
+		want = map[string]string{"/sys/fs/bpf": "/run/bpffs", "/sys/fs/cgroup": "/run/cgroupfs", "/run/shunt": "/run/mesh-dataplane", "/var/lib/shunt": "/var/lib/mesh-dataplane"}
+	}
+	for path, src := range want {
 		m, ok := mounts[path]
 		if !ok || host[m.Name] != src {
 			t.Errorf("%s: mount %+v from host %q, want host %s", path, m, host[m.Name], src)
@@ -214,14 +221,24 @@ func checkDaemonSet(t *testing.T, r *rendering, k8s bool) {
 	if p := mounts["/sys/fs/bpf"].MountPropagation; p == nil || *p != corev1.MountPropagationHostToContainer {
 		t.Errorf("bpffs mount propagation %v", p)
 	}
-	env := map[string]string{}
+	env, values := map[string]string{}, map[string]string{}
 	for _, e := range c.Env {
 		if e.ValueFrom != nil && e.ValueFrom.FieldRef != nil {
 			env[e.Name] = e.ValueFrom.FieldRef.FieldPath
+		} else {
+			values[e.Name] = e.Value
 		}
 	}
 	if env["NODE_NAME"] != "spec.nodeName" || env["HOST_IP"] != "status.hostIP" {
 		t.Errorf("downward API env %v", env)
+	}
+	// kubernetes.apiServer replaces the in-cluster address the kubelet sets.
+	wantEnv := map[string]string{}
+	if r.name == "values-full" {
+		wantEnv = map[string]string{"KUBERNETES_SERVICE_HOST": "192.0.2.1", "KUBERNETES_SERVICE_PORT": "6443"}
+	}
+	if !maps.Equal(values, wantEnv) {
+		t.Errorf("env %v, want %v", values, wantEnv)
 	}
 	hasKube := slices.Contains(c.Args, "-kubernetes") && slices.Contains(c.Args, "-node-name=$(NODE_NAME)") &&
 		slices.Contains(c.Args, "-cleanup-on-uninstall="+releaseNS+"/"+r.ds.Name)

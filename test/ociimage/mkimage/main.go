@@ -1,9 +1,9 @@
 // Command mkimage writes a one-layer OCI image archive from files on disk
-// (package ociimage), for `ctr images import`. `make image` runs it:
+// (package ociimage), for `ctr images import`. `make image` runs it (scripts/build-image.sh):
 //
 //	mkimage -o bin/shuntd-image.tar -name docker.io/shunt/shuntd:0.1.0 \
 //	    -entrypoint /usr/local/bin/shuntd \
-//	    bin/image/shuntd=/usr/local/bin/shuntd:0755 bin/image/shuntctl=/usr/local/bin/shuntctl:0755
+//	    $tmp/shuntd=/usr/local/bin/shuntd:0755 $tmp/shuntctl=/usr/local/bin/shuntctl:0755
 package main
 
 import (
