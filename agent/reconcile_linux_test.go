@@ -241,3 +241,73 @@ func TestResyncRepairsDrift(t *testing.T) {
 	}
 	wantServices(t, a, want)
 }
+
+// An agent restart (a new process adopting the pinned maps) keeps every
+// pod's id, so its counters go on instead of starting from zero, and a pod
+// that is new to the restarted agent never takes an id an adopted pod still
+// holds.
+func TestRestartKeepsPodIDsAndCounters(t *testing.T) {
+	env := harness.New(t)
+	p1, p2, p3 := env.NewPod("p1"), env.NewPod("p2"), env.NewPod("p3")
+	// Kubernetes expected: its pinned entries stay until it has synced.
+	cfg := agent.Config{Kubernetes: &agent.KubernetesConfig{}}
+	a := newAgent(t, env, cfg)
+	sc := &mesh.Sidecar{}
+	pod := func(name string, p *harness.Pod) mesh.Pod {
+		return mesh.Pod{Name: "ns/" + name, NetNS: p.NetNSPath(), Sidecar: sc}
+	}
+	if err := a.Apply(agent.SourceKubernetes, agent.Delta{Replace: true, Pods: []mesh.Pod{pod("p1", p1), pod("p2", p2)}}); err != nil {
+		t.Fatal(err)
+	}
+	// p2's app connects out: steered to its sidecar's port (nothing listens
+	// there, the connection is refused; the steering is counted).
+	const conns = 3
+	for range conns {
+		p2.Connect(harness.ProcOpts{}, "--target", "10.96.9.9:80")
+	}
+	steered := func(a *agent.Agent, name string) (id uint32, n uint64) {
+		t.Helper()
+		st, err := a.Status()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range st.Pods {
+			if p.Pod.Name == name {
+				return p.ID, p.Counters["steer_outbound"]
+			}
+		}
+		t.Fatalf("pod %s not enrolled: %+v", name, st.Pods)
+		return 0, 0
+	}
+	id1, _ := steered(a, "ns/p1")
+	id2, before := steered(a, "ns/p2")
+	if before != conns {
+		t.Fatalf("p2 steered %d connections, want %d", before, conns)
+	}
+	a.Close()
+
+	a2 := newAgent(t, env, cfg)
+	// The Kubernetes source comes back with a new pod first, then the others.
+	if err := a2.Apply(agent.SourceKubernetes, agent.Delta{Pods: []mesh.Pod{pod("p3", p3)}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a2.Apply(agent.SourceKubernetes, agent.Delta{Replace: true, Pods: []mesh.Pod{pod("p1", p1), pod("p2", p2), pod("p3", p3)}}); err != nil {
+		t.Fatal(err)
+	}
+	n1, _ := steered(a2, "ns/p1")
+	n2, after := steered(a2, "ns/p2")
+	n3, fresh := steered(a2, "ns/p3")
+	if n1 != id1 || n2 != id2 {
+		t.Errorf("ids after the restart: p1 %d p2 %d, were %d %d", n1, n2, id1, id2)
+	}
+	if n3 == id1 || n3 == id2 || n3 == 0 {
+		t.Errorf("the new pod got id %d (p1 %d, p2 %d)", n3, id1, id2)
+	}
+	if after != before || fresh != 0 {
+		t.Errorf("steer_outbound after the restart: p2 %d (was %d), new pod p3 %d", after, before, fresh)
+	}
+	p2.Connect(harness.ProcOpts{}, "--target", "10.96.9.9:80")
+	if _, n := steered(a2, "ns/p2"); n != before+1 {
+		t.Errorf("p2 steered %d after one more connection, want %d", n, before+1)
+	}
+}
