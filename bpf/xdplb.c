@@ -45,6 +45,10 @@
 #include "lib/flowhash.h"
 #include "lib/csum.h"
 
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "xdplb composes header words for little-endian BPF"
+#endif
+
 char __license[] SEC("license") = "Dual BSD/GPL";
 
 #define ETH_P_8021Q_ 0x8100
@@ -103,12 +107,21 @@ struct {
 	__uint(max_entries, 65536);
 } lb_backends SEC(".maps");
 
+/* Conntrack, one map per family: an IPv4 flow's key is 16 bytes, an IPv6
+ * flow's 40 (the kernel hashes the whole key on every lookup). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct xlb_flow4);
+	__type(value, struct xlb_ct);
+	__uint(max_entries, 262144);
+} lb_ct4 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct xlb_flow);
 	__type(value, struct xlb_ct);
 	__uint(max_entries, 262144);
-} lb_ct SEC(".maps");
+} lb_ct6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -204,7 +217,8 @@ struct genevehdr_ {
 
 /* pkt is what parsing learnt about a packet. */
 struct pkt {
-	struct xlb_flow flow; /* client -> VIP, as the conntrack key */
+	struct xlb_flow flow; /* client -> VIP, as the lb_ct6 key */
+	struct xlb_flow4 key4; /* IPv4: client -> VIP, as the lb_ct4 key */
 	__u32 ports;          /* raw first 4 bytes of L4 (flow hash word 8) */
 	__u32 ip_len;         /* IP datagram length: header + payload */
 	__u32 frame_len;      /* bytes as received, for counters */
@@ -269,18 +283,70 @@ static __always_inline void be_count(__u32 id, __u32 bytes, int new_flow)
 		s->flows++;
 }
 
+/* ct_lookup, ct_update, ct_delete: the conntrack entry of flow f, in the
+ * map of its family; k4 is the same flow as the lb_ct4 key. The empty asm
+ * keeps clang from merging the two helper calls into one with the map
+ * chosen before it: the verifier inlines a lookup only when every path to a
+ * call site passes the same map. */
+#define ct_keep_apart(v) asm volatile("" : "+r"(v))
+
+static __always_inline struct xlb_ct *ct_lookup(const struct xlb_flow *f, const struct xlb_flow4 *k4)
+{
+	struct xlb_ct *ct;
+
+	if (f->family == XLB_AF_INET) {
+		ct = bpf_map_lookup_elem(&lb_ct4, k4);
+		ct_keep_apart(ct);
+		return ct;
+	}
+	return bpf_map_lookup_elem(&lb_ct6, f);
+}
+
+static __always_inline void ct_update(const struct xlb_flow *f, const struct xlb_flow4 *k4, const struct xlb_ct *ct)
+{
+	long err;
+
+	if (f->family == XLB_AF_INET) {
+		err = bpf_map_update_elem(&lb_ct4, k4, ct, BPF_ANY);
+		ct_keep_apart(err);
+		return;
+	}
+	bpf_map_update_elem(&lb_ct6, f, ct, BPF_ANY);
+}
+
+static __always_inline void ct_delete(const struct xlb_flow *f, const struct xlb_flow4 *k4)
+{
+	long err;
+
+	if (f->family == XLB_AF_INET) {
+		err = bpf_map_delete_elem(&lb_ct4, k4);
+		ct_keep_apart(err);
+		return;
+	}
+	bpf_map_delete_elem(&lb_ct6, f);
+}
+
 static __always_inline __u32 l2_len(const struct pkt *p)
 {
 	return p->vlan ? sizeof(struct ethhdr) + sizeof(struct vlanhdr) : sizeof(struct ethhdr);
 }
 
-static __always_inline void swap_macs(struct ethhdr *eth)
+/* macs_swapped writes to dst (12 bytes) the two MAC addresses at src
+ * swapped: dst's destination is src's source and the other way round. dst
+ * may be src. Word loads and stores: packet data needs no alignment where
+ * XDP runs natively (the verifier enforces it only for strict-alignment
+ * architectures). */
+static __always_inline void macs_swapped(void *dst, const void *src)
 {
-	__u8 tmp[ETH_ALEN];
+	__u32 d4 = *(const __u32 *)src;
+	__u16 d2 = *(const __u16 *)(src + 4);
+	__u32 s4 = *(const __u32 *)(src + 6);
+	__u16 s2 = *(const __u16 *)(src + 10);
 
-	__builtin_memcpy(tmp, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, tmp, ETH_ALEN);
+	*(__u32 *)dst = s4;
+	*(__u16 *)(dst + 4) = s2;
+	*(__u32 *)(dst + 6) = d4;
+	*(__u16 *)(dst + 10) = d2;
 }
 
 /* tx bounces the (rewritten) frame back to where it came from. */
@@ -292,7 +358,7 @@ static __always_inline int tx(struct xdp_md *ctx, __u32 stat)
 
 	if ((void *)(eth + 1) > end)
 		return verdict(XLB_DROP_ENCAP, XDP_DROP);
-	swap_macs(eth);
+	macs_swapped(eth, eth);
 	return verdict(stat, XDP_TX);
 }
 
@@ -387,36 +453,23 @@ static __always_inline int rewrite(struct xdp_md *ctx, const struct pkt *p, cons
  * addresses swapped and proto (host order) as the new EtherType. */
 static __always_inline int push(struct xdp_md *ctx, const struct pkt *p, int len, __u16 proto)
 {
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	struct ethhdr eth, *e;
-	struct vlanhdr vh = {}, *v;
+	void *data, *end, *old;
 
-	if (data + sizeof(eth) + sizeof(vh) > end && p->vlan)
-		return -1;
-	if (data + sizeof(eth) > end)
-		return -1;
-	__builtin_memcpy(&eth, data, sizeof(eth));
-	if (p->vlan)
-		__builtin_memcpy(&vh, data + sizeof(eth), sizeof(vh));
 	if (bpf_xdp_adjust_head(ctx, -len))
 		return -1;
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
-	e = data;
-	if ((void *)(e + 1) > end)
+	old = data + len; /* where the L2 header is now */
+	if (old + sizeof(struct ethhdr) + sizeof(struct vlanhdr) > end)
 		return -1;
-	__builtin_memcpy(e->h_dest, eth.h_source, ETH_ALEN);
-	__builtin_memcpy(e->h_source, eth.h_dest, ETH_ALEN);
+	macs_swapped(data, old);
 	if (p->vlan) {
-		v = (void *)(e + 1);
-		if ((void *)(v + 1) > end)
-			return -1;
-		e->h_proto = eth.h_proto;
-		v->tci = vh.tci;
-		v->proto = bpf_htons(proto);
+		/* EtherType 802.1Q/802.1ad and the tag stay; the tag's
+		 * protocol becomes the outer one */
+		*(__u32 *)(data + 12) = *(__u32 *)(old + 12);
+		*(__be16 *)(data + 16) = bpf_htons(proto);
 	} else {
-		e->h_proto = bpf_htons(proto);
+		*(__be16 *)(data + 12) = bpf_htons(proto);
 	}
 	return 0;
 }
@@ -439,19 +492,21 @@ static __always_inline void outer_ip(void *l3, const struct pkt *p, const struct
 		__builtin_memcpy(&o->saddr, cfg->node6, 16);
 		__builtin_memcpy(&o->daddr, be->tunnel, 16);
 	} else {
-		struct iphdr h = {};
+		/* Written as five words (this file is built for little-endian
+		 * BPF only): version/IHL, TOS, total length; id 0, DF; TTL 64,
+		 * protocol, checksum; source; destination. The checksum is
+		 * summed from the same words. */
+		__u32 *w = l3;
+		__u32 w0 = bpf_htons(0x4500 | p->tos) | (__u32)bpf_htons(payload + sizeof(struct iphdr)) << 16;
+		__u32 w1 = (__u32)bpf_htons(IP_DF_) << 16;
+		__u32 w2 = bpf_htons(64 << 8 | proto);
+		__u64 sum = (__u64)w0 + w1 + w2 + cfg->node4 + be->tunnel[0];
 
-		h.version = 4;
-		h.ihl = 5;
-		h.tos = p->tos;
-		h.tot_len = bpf_htons(payload + sizeof(h));
-		h.frag_off = bpf_htons(IP_DF_);
-		h.ttl = 64;
-		h.protocol = proto;
-		h.saddr = cfg->node4;
-		h.daddr = be->tunnel[0];
-		h.check = ip4_csum20((__u16 *)&h);
-		__builtin_memcpy(l3, &h, sizeof(h));
+		w[0] = w0;
+		w[1] = w1;
+		w[2] = w2 | (__u32)(__u16)~csum_fold64(sum) << 16;
+		w[3] = cfg->node4;
+		w[4] = be->tunnel[0];
 	}
 }
 
@@ -793,73 +848,77 @@ static __always_inline int snat_forward(struct xdp_md *ctx, const struct pkt *p,
 	return tx(ctx, XLB_TX_SNAT);
 }
 
-/* forward sends a client -> VIP packet of service svc to its backend. */
 /* forward sends a client -> VIP packet to its backend: that of hit, a
- * valid conntrack entry, or else one picked from the table of svc. */
+ * valid conntrack entry, or else one picked from the table of svc. An
+ * established flow's entry is used in place (no copy), except on a RST,
+ * which deletes it first. */
 static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, struct xlb_config *cfg,
 				   const struct xlb_service *svc, struct xlb_ct *hit, int syn, int rst)
 {
-	struct xlb_ct ct = {};
+	struct xlb_ct nct, *ct;
 	int fresh = 0;
-	__u32 hash;
 
 	if (hit) {
-		ct = *hit;
-		hash = ct.hash;
+		ct = hit;
+		if (rst) {
+			nct = *hit;
+			ct = &nct;
+		}
 		stat_inc(XLB_EV_CT_HIT);
 	} else {
 		if (!svc)
 			return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
-		hash = hash_of(p, cfg->seed);
-		if (pick(svc, hash, &ct)) {
+		__builtin_memset(&nct, 0, sizeof(nct));
+		ct = &nct;
+		ct->hash = hash_of(p, cfg->seed);
+		if (pick(svc, ct->hash, ct)) {
 			struct xlb_svc_stats *s = bpf_map_lookup_elem(&lb_svc_stats, &svc->id);
 
 			if (s)
 				s->no_backend++;
 			return verdict(XLB_DROP_NO_BACKEND, XDP_DROP);
 		}
-		ct.action = action_for(svc, p->flow.proto);
-		ct.hash = hash;
-		ct.gen = svc->gen;
+		ct->action = action_for(svc, p->flow.proto);
+		ct->gen = svc->gen;
 		fresh = 1;
 		stat_inc(XLB_EV_CT_NEW);
 		if (p->flow.proto == IPPROTO_TCP && !syn)
 			stat_inc(XLB_EV_CT_MIDFLOW);
 	}
-	if (ct.action == XLB_ACT_SNAT) {
+	if (ct->action == XLB_ACT_SNAT) {
 		if (!have_node_addr(cfg, p->flow.family))
 			return verdict(XLB_DROP_NO_NODE_ADDR, XDP_DROP);
-		if (snat_claim(p, &ct, cfg, hash))
+		/* an established flow's new port (if its own was lost) is
+		 * written to its entry directly */
+		if (snat_claim(p, ct, cfg, ct->hash))
 			return verdict(XLB_DROP_NO_SNAT_PORT, XDP_DROP);
-		if (hit && hit->snat_port != ct.snat_port)
-			hit->snat_port = ct.snat_port;
 	}
 	if (rst) {
 		if (hit) {
-			bpf_map_delete_elem(&lb_ct, &p->flow);
+			ct_delete(&p->flow, &p->key4);
 			stat_inc(XLB_EV_CT_RST);
 		}
 	} else if (fresh) {
-		bpf_map_update_elem(&lb_ct, &p->flow, &ct, BPF_ANY);
+		ct_update(&p->flow, &p->key4, ct);
 	}
-	svc_count(ct.svc_id, p->frame_len, fresh);
-	be_count(ct.be_id, p->frame_len, fresh);
+	svc_count(ct->svc_id, p->frame_len, fresh);
+	be_count(ct->be_id, p->frame_len, fresh);
 
-	switch (ct.action) {
+	switch (ct->action) {
 	case XLB_ACT_SNAT:
-		return snat_forward(ctx, p, cfg, &ct);
+		return snat_forward(ctx, p, cfg, ct);
 	case XLB_ACT_GENEVE:
-		if (rewrite(ctx, p, 0, 0, ct.be.addr, ct.be.port, 0))
+		if (rewrite(ctx, p, 0, 0, ct->be.addr, ct->be.port, 0))
 			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
-		return encap_geneve(ctx, p, cfg, &ct.be, hash, p->flow.dst, p->flow.dport, XLB_TX_GENEVE);
+		return encap_geneve(ctx, p, cfg, &ct->be, ct->hash, p->flow.dst, p->flow.dport, XLB_TX_GENEVE);
 	case XLB_ACT_OPT:
-		if (rewrite(ctx, p, 0, 0, ct.be.addr, ct.be.port, 0))
+		if (rewrite(ctx, p, 0, 0, ct->be.addr, ct->be.port, 0))
 			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
 		if (p->flow.family == XLB_AF_INET6)
 			return insert_opt6(ctx, p, p->flow.dst, p->flow.dport, XLB_TX_OPT);
 		return insert_opt4(ctx, p, p->flow.dst, p->flow.dport, XLB_TX_OPT);
 	default:
-		return encap_ipip(ctx, p, cfg, &ct.be, hash, XLB_TX_IPIP);
+		return encap_ipip(ctx, p, cfg, &ct->be, ct->hash, XLB_TX_IPIP);
 	}
 }
 
@@ -972,7 +1031,7 @@ static __always_inline int ip4_header_ok(struct xdp_md *ctx, const struct pkt *p
 
 	if ((void *)(ip + 1) > end)
 		return 0;
-	return ip4_csum20((__u16 *)ip) == 0;
+	return ip4_csum20(ip) == 0;
 }
 
 /* lb_l4 is the common path once the 5-tuple is known. An established flow
@@ -993,7 +1052,7 @@ static __always_inline int lb_l4(struct xdp_md *ctx, struct pkt *p, __u8 ttl)
 		rst = p->tcp_flags & TCP_FLAG_RST;
 	}
 	if (!syn) {
-		hit = bpf_map_lookup_elem(&lb_ct, &p->flow);
+		hit = ct_lookup(&p->flow, &p->key4);
 		if (hit) {
 			__u32 *gen = bpf_map_lookup_elem(&lb_svc_gen, &hit->svc_id);
 
@@ -1136,6 +1195,7 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	struct xlb_vip key = {};
 	struct xlb_service *svc;
 	struct xlb_flow flow = {};
+	struct xlb_flow4 k4 = {};
 	struct xlb_ct *hit, ct = {};
 	__u32 vip[4], node[4] = {};
 
@@ -1155,7 +1215,12 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	flow.dport = esport;
 	flow.proto = eproto;
 	flow.family = p->flow.family;
-	hit = bpf_map_lookup_elem(&lb_ct, &flow);
+	k4.src = flow.src[0];
+	k4.dst = flow.dst[0];
+	k4.sport = flow.sport;
+	k4.dport = flow.dport;
+	k4.proto = flow.proto;
+	hit = ct_lookup(&flow, &k4);
 	if (hit) {
 		ct = *hit;
 		hash = ct.hash;
@@ -1231,6 +1296,9 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 	p->flow.proto = ip->protocol;
 	p->flow.src[0] = ip->saddr;
 	p->flow.dst[0] = ip->daddr;
+	p->key4.src = ip->saddr;
+	p->key4.dst = ip->daddr;
+	p->key4.proto = ip->protocol;
 	if (ip->frag_off & bpf_htons(IP_MF_ | IP_OFFSET_)) {
 		p->frag_id = ip->id;
 		p->more = (ip->frag_off & bpf_htons(IP_MF_)) != 0;
@@ -1249,6 +1317,8 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 		p->ports = *(__u32 *)th;
 		p->flow.sport = th->source;
 		p->flow.dport = th->dest;
+		p->key4.sport = th->source;
+		p->key4.dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
 		*ttl = ip->ttl;
 		return p->frag ? LB_FRAG : LB_CONTINUE;
@@ -1261,6 +1331,8 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 		p->ports = *(__u32 *)uh;
 		p->flow.sport = uh->source;
 		p->flow.dport = uh->dest;
+		p->key4.sport = uh->source;
+		p->key4.dport = uh->dest;
 		*ttl = ip->ttl;
 		return p->frag ? LB_FRAG : LB_CONTINUE;
 	}
@@ -1281,7 +1353,7 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 		if (in->version != 4 || in->ihl != 5 ||
 		    (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP))
 			return verdict(XLB_PASS_ICMP, XDP_PASS);
-		if (ip4_csum20((__u16 *)ip) != 0)
+		if (ip4_csum20(ip) != 0)
 			return verdict(XLB_PASS_ICMP, XDP_PASS);
 		es[0] = in->saddr;
 		ed[0] = in->daddr;

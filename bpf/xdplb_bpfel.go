@@ -86,6 +86,16 @@ type XdplbXlbFlow struct {
 	Pad    uint16
 }
 
+type XdplbXlbFlow4 struct {
+	_     structs.HostLayout
+	Src   uint32
+	Dst   uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
 type XdplbXlbFrag struct {
 	_     structs.HostLayout
 	Src   [4]uint32
@@ -107,7 +117,7 @@ type XdplbXlbFragKey struct {
 type XdplbXlbLayout uint32
 
 const (
-	XdplbXlbLayoutXLB_LAYOUT_VERSION XdplbXlbLayout = 2
+	XdplbXlbLayoutXLB_LAYOUT_VERSION XdplbXlbLayout = 3
 )
 
 type XdplbXlbMeta struct {
@@ -227,7 +237,8 @@ const (
 	XdplbMapLbBackends         = "lb_backends"
 	XdplbMapLbBeStats          = "lb_be_stats"
 	XdplbMapLbConfig           = "lb_config"
-	XdplbMapLbCt               = "lb_ct"
+	XdplbMapLbCt4              = "lb_ct4"
+	XdplbMapLbCt6              = "lb_ct6"
 	XdplbMapLbFrags            = "lb_frags"
 	XdplbMapLbMeta             = "lb_meta"
 	XdplbMapLbServices         = "lb_services"
@@ -301,7 +312,8 @@ type XdplbMapSpecs struct {
 	LbBackends *ebpf.MapSpec `ebpf:"lb_backends"`
 	LbBeStats  *ebpf.MapSpec `ebpf:"lb_be_stats"`
 	LbConfig   *ebpf.MapSpec `ebpf:"lb_config"`
-	LbCt       *ebpf.MapSpec `ebpf:"lb_ct"`
+	LbCt4      *ebpf.MapSpec `ebpf:"lb_ct4"`
+	LbCt6      *ebpf.MapSpec `ebpf:"lb_ct6"`
 	LbFrags    *ebpf.MapSpec `ebpf:"lb_frags"`
 	LbMeta     *ebpf.MapSpec `ebpf:"lb_meta"`
 	LbServices *ebpf.MapSpec `ebpf:"lb_services"`
@@ -349,7 +361,8 @@ type XdplbMaps struct {
 	LbBackends *ebpf.Map `ebpf:"lb_backends"`
 	LbBeStats  *ebpf.Map `ebpf:"lb_be_stats"`
 	LbConfig   *ebpf.Map `ebpf:"lb_config"`
-	LbCt       *ebpf.Map `ebpf:"lb_ct"`
+	LbCt4      *ebpf.Map `ebpf:"lb_ct4"`
+	LbCt6      *ebpf.Map `ebpf:"lb_ct6"`
 	LbFrags    *ebpf.Map `ebpf:"lb_frags"`
 	LbMeta     *ebpf.Map `ebpf:"lb_meta"`
 	LbServices *ebpf.Map `ebpf:"lb_services"`
@@ -365,7 +378,8 @@ func (m *XdplbMaps) Close() error {
 		m.LbBackends,
 		m.LbBeStats,
 		m.LbConfig,
-		m.LbCt,
+		m.LbCt4,
+		m.LbCt6,
 		m.LbFrags,
 		m.LbMeta,
 		m.LbServices,

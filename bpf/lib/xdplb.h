@@ -17,7 +17,7 @@
 #include <linux/types.h>
 
 enum xlb_layout {
-	XLB_LAYOUT_VERSION = 2,
+	XLB_LAYOUT_VERSION = 3,
 };
 
 /* Slots of the counter arrays (lb_stats, dsr_stats): more than the
@@ -93,8 +93,8 @@ struct xlb_backend {
 	__u8 tunnel_family;
 };
 
-/* A flow's 5-tuple: lb_ct key (client -> VIP), dsr_revnat key (backend ->
- * client, as the reply leaves). */
+/* A flow's 5-tuple: lb_ct6 key (IPv6 client -> VIP), dsr_revnat key
+ * (backend -> client, as the reply leaves). */
 struct xlb_flow {
 	__u32 src[4];
 	__u32 dst[4];
@@ -105,6 +105,19 @@ struct xlb_flow {
 	__u16 pad;
 };
 
+/* lb_ct4 key: an IPv4 flow (client -> VIP). 16 bytes instead of the 40 of
+ * struct xlb_flow: the kernel hashes and compares the whole key on every
+ * conntrack lookup and insert, and hashing 40 bytes was a third of the time
+ * of an established flow's packet. */
+struct xlb_flow4 {
+	__u32 src;
+	__u32 dst;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
 /* What the LB does with a flow's packets (struct xlb_ct.action). */
 enum xlb_action {
 	XLB_ACT_IPIP = 0,
@@ -113,7 +126,7 @@ enum xlb_action {
 	XLB_ACT_SNAT = 3,
 };
 
-/* lb_ct value. The backend is copied in, so an established flow keeps
+/* lb_ct4 / lb_ct6 value. The backend is copied in, so an established flow keeps
  * going to it when the service's backends change, even if it is removed. */
 struct xlb_ct {
 	struct xlb_backend be;

@@ -460,7 +460,7 @@ func TestWhichMatchesMaglev(t *testing.T) {
 	svcs := fixtureServices()
 	d := newLB(t, svcs)
 	m := newModel(t, svcs)
-	ct := d.LBMaps().LbCt
+	ct := d.Conntrack()
 	r := newRand()
 	for i := 0; i < 10000; i++ {
 		var src, dst netip.AddrPort
