@@ -245,6 +245,13 @@ struct frag6hdr {
 	__be32 id;
 };
 
+/* LB_CONTINUE: parsed a TCP/UDP packet, go on with lb_l4 (also: a check
+ * found nothing to do, go on); LB_FRAG: parsed a fragment, go on with
+ * snat_frag (a single call site each keeps one copy of that code in the
+ * program). */
+#define LB_CONTINUE -1
+#define LB_FRAG -2
+
 static __always_inline void stat_inc(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&lb_stats, &idx);
@@ -359,6 +366,12 @@ static __always_inline int tx(struct xdp_md *ctx, __u32 stat)
 	if ((void *)(eth + 1) > end)
 		return verdict(XLB_DROP_ENCAP, XDP_DROP);
 	macs_swapped(eth, eth);
+	return verdict(stat, XDP_TX);
+}
+
+/* tx_built bounces a frame whose MAC addresses were already swapped. */
+static __always_inline int tx_built(__u32 stat)
+{
 	return verdict(stat, XDP_TX);
 }
 
@@ -735,6 +748,162 @@ static __always_inline int insert_opt6(struct xdp_md *ctx, const struct pkt *p, 
 	return verdict(stat, XDP_TX);
 }
 
+/* ---- ICMP "too big" for packets that would not fit once encapsulated ---- */
+
+/* icmp_reply reshapes the packet for an ICMP error in front of its own IP
+ * header: hdr bytes (the new IP and ICMP headers) are made room for, the L2
+ * header moves to the front with the MAC addresses swapped (push, proto the
+ * EtherType), and only quote bytes of the packet's IP datagram are kept. It
+ * returns the new IP header (hdr + quote bytes readable), 0 on failure. */
+static __always_inline __u32 *icmp_reply(struct xdp_md *ctx, const struct pkt *p, __u32 hdr, __u32 quote, __u16 proto)
+{
+	void *data, *end;
+	__u32 l2 = l2_len(p), *w;
+	long cut;
+
+	if (push(ctx, p, hdr, proto))
+		return 0;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	cut = (long)(end - data) - (long)(l2 + hdr + quote);
+	if (cut < 0 || (cut && bpf_xdp_adjust_tail(ctx, (int)-cut)))
+		return 0;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	w = data + l2;
+	if ((void *)w + hdr + quote > end)
+		return 0;
+	return w;
+}
+
+/* frag_needed4 turns the client's IPv4 packet into an ICMP "fragmentation
+ * needed" (type 3, code 4) with next-hop MTU mtu, from the node address back
+ * to the client: the headers go in front of the packet's own IP header,
+ * which with the 8 bytes after it is the quote, and the rest is cut off. A
+ * packet without DF cannot be fragmented here: dropped and counted. */
+static __always_inline int frag_needed4(struct xdp_md *ctx, const struct pkt *p, const struct xlb_config *cfg, __u32 mtu)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	const __u32 hdr = sizeof(struct iphdr) + sizeof(struct icmphdr_);
+	const __u32 quote = sizeof(struct iphdr) + XLB_ICMP_QUOTE_L4;
+	__u32 *w, w0, w2, w5, w6;
+	struct iphdr *ip = data + l2_len(p);
+	__u64 sum;
+	__u8 tos;
+
+	if ((void *)(ip + 1) > end)
+		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+	if (!(ip->frag_off & bpf_htons(IP_DF_)))
+		return verdict(XLB_DROP_TOO_BIG, XDP_DROP);
+	if (!cfg->node4)
+		return verdict(XLB_DROP_NO_NODE_ADDR, XDP_DROP);
+	/* as Linux: the TOS bits of the packet, precedence "internetwork
+	 * control" */
+	tos = (ip->tos & 0x1e) | 0xc0;
+	w = icmp_reply(ctx, p, hdr, quote, ETH_P_IP);
+	if (!w)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	/* IPv4 header: 5 words (id 0, no DF, TTL 64, ICMP) */
+	w0 = bpf_htons(0x4500 | tos) | (__u32)bpf_htons(hdr + quote) << 16;
+	w2 = bpf_htons(64 << 8 | IPPROTO_ICMP);
+	sum = (__u64)w0 + w2 + cfg->node4 + p->flow.src[0];
+	w[0] = w0;
+	w[1] = 0;
+	w[2] = w2 | (__u32)(__u16)~csum_fold64(sum) << 16;
+	w[3] = cfg->node4;
+	w[4] = p->flow.src[0];
+	/* ICMP: type, code, checksum; unused, next-hop MTU; then the quote
+	 * (words 7..13, already in place) */
+	w5 = ICMP_DEST_UNREACH_ | ICMP_FRAG_NEEDED_ << 8;
+	w6 = (__u32)bpf_htons(mtu > 0xffff ? 0xffff : mtu) << 16;
+	sum = (__u64)w5 + w6;
+#pragma unroll
+	for (int i = 7; i < 14; i++)
+		sum += w[i];
+	w[5] = w5 | (__u32)(__u16)~csum_fold64(sum) << 16;
+	w[6] = w6;
+	return tx_built(XLB_TX_TOO_BIG);
+}
+
+/* packet_too_big6 turns the client's IPv6 packet into an ICMPv6 "packet too
+ * big" with MTU mtu (at least 1280) from the node address back to the
+ * client, quoting its IPv6 header and the 8 bytes after it. */
+static __always_inline int packet_too_big6(struct xdp_md *ctx, const struct pkt *p, const struct xlb_config *cfg, __u32 mtu)
+{
+	const __u32 hdr = sizeof(struct ipv6hdr) + sizeof(struct icmp6hdr);
+	const __u32 quote = sizeof(struct ipv6hdr) + XLB_ICMP_QUOTE_L4;
+	__u32 *w, w1, w10;
+	__u64 sum;
+
+	if (!have_node_addr(cfg, XLB_AF_INET6))
+		return verdict(XLB_DROP_NO_NODE_ADDR, XDP_DROP);
+	w = icmp_reply(ctx, p, hdr, quote, ETH_P_IPV6);
+	if (!w)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	/* IPv6 header: version 6, traffic class and flow label 0, payload
+	 * length, next header ICMPv6, hop limit 64; node -> client */
+	w1 = bpf_htons(sizeof(struct icmp6hdr) + quote) | (__u32)IPPROTO_ICMPV6 << 16 | (__u32)64 << 24;
+	w[0] = bpf_htonl(6 << 28);
+	w[1] = w1;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		w[2 + i] = cfg->node6[i];
+		w[6 + i] = p->flow.src[i];
+	}
+	/* ICMPv6: type 2, code 0, checksum; MTU; the quote (words 12..23).
+	 * The checksum covers the pseudo header: addresses, upper-layer
+	 * length, next header. */
+	w10 = bpf_htonl(mtu < 1280 ? 1280 : mtu);
+	sum = (__u64)ICMPV6_PKT_TOOBIG + w10 + bpf_htonl(sizeof(struct icmp6hdr) + quote) + bpf_htonl(IPPROTO_ICMPV6);
+#pragma unroll
+	for (int i = 2; i < 10; i++)
+		sum += w[i];
+#pragma unroll
+	for (int i = 12; i < 24; i++)
+		sum += w[i];
+	w[10] = ICMPV6_PKT_TOOBIG | (__u32)(__u16)~csum_fold64(sum) << 16;
+	w[11] = w10;
+	return tx_built(XLB_TX_TOO_BIG);
+}
+
+/* encap_growth is what the dispatch of ct adds to the packet. */
+static __always_inline __u32 encap_growth(const struct pkt *p, const struct xlb_ct *ct)
+{
+	__u32 outer = ct->be.tunnel_family == XLB_AF_INET6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
+	int svc6 = p->flow.family == XLB_AF_INET6;
+
+	switch (ct->action) {
+	case XLB_ACT_GENEVE:
+		return outer + sizeof(struct udphdr) + sizeof(struct genevehdr_) + sizeof(struct geneve_opt_hdr) + (svc6 ? 20 : 8);
+	case XLB_ACT_OPT:
+		return svc6 ? XLB_IP6OPT_HDRLEN : XLB_IPOPT_LEN;
+	case XLB_ACT_SNAT:
+		return 0;
+	}
+	return outer;
+}
+
+/* too_big answers (see frag_needed4, packet_too_big6) a client packet that
+ * would not fit the device's MTU once encapsulated for ct, and returns
+ * LB_CONTINUE for one that fits. Only packets that would grow beyond
+ * XLB_MTU_CHECK_MIN are checked (bpf_check_mtu: the MTU of the device the
+ * packet came in on, which XDP_TX sends it out of). */
+static __always_inline int too_big(struct xdp_md *ctx, const struct pkt *p, const struct xlb_config *cfg,
+				   const struct xlb_ct *ct)
+{
+	__u32 grow = encap_growth(p, ct), mtu = p->ip_len;
+
+	if (p->ip_len + grow <= XLB_MTU_CHECK_MIN)
+		return LB_CONTINUE;
+	if (bpf_check_mtu(ctx, 0, &mtu, (__s32)grow, 0) != BPF_MTU_CHK_RET_FRAG_NEEDED)
+		return LB_CONTINUE;
+	mtu = mtu > grow ? mtu - grow : 0;
+	if (p->flow.family == XLB_AF_INET)
+		return frag_needed4(ctx, p, cfg, mtu);
+	return packet_too_big6(ctx, p, cfg, mtu);
+}
+
 /* ---- backend selection ---- */
 
 static __always_inline __u32 hash_of(const struct pkt *p, __u32 seed)
@@ -900,6 +1069,12 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, struct xlb
 		}
 	} else if (fresh) {
 		ct_update(&p->flow, &p->key4, ct);
+	}
+	if (ct->action != XLB_ACT_SNAT) {
+		int big = too_big(ctx, p, cfg, ct);
+
+		if (big != LB_CONTINUE)
+			return big;
 	}
 	svc_count(ct->svc_id, p->frame_len, fresh);
 	be_count(ct->be_id, p->frame_len, fresh);
@@ -1268,11 +1443,6 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	}
 }
 
-/* LB_CONTINUE: parsed a TCP/UDP packet, go on with lb_l4; LB_FRAG: parsed
- * a fragment, go on with snat_frag (a single call site each keeps one copy
- * of that code in the program). */
-#define LB_CONTINUE -1
-#define LB_FRAG -2
 
 static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *ttl)
 {

@@ -193,7 +193,9 @@ const (
 	XdplbXlbStatXLB_EV_FRAG_FIRST     XdplbXlbStat = 22
 	XdplbXlbStatXLB_EV_FRAG_LATER     XdplbXlbStat = 23
 	XdplbXlbStatXLB_EV_FRAG_UNKNOWN   XdplbXlbStat = 24
-	XdplbXlbStatXLB_STAT_MAX          XdplbXlbStat = 25
+	XdplbXlbStatXLB_TX_TOO_BIG        XdplbXlbStat = 25
+	XdplbXlbStatXLB_DROP_TOO_BIG      XdplbXlbStat = 26
+	XdplbXlbStatXLB_STAT_MAX          XdplbXlbStat = 27
 )
 
 type XdplbXlbStatSlots uint32
@@ -228,6 +230,8 @@ const (
 	XdplbXlbWireXLB_IPOPT_LEN        XdplbXlbWire = 8
 	XdplbXlbWireXLB_IP6OPT_TYPE      XdplbXlbWire = 30
 	XdplbXlbWireXLB_IP6OPT_HDRLEN    XdplbXlbWire = 24
+	XdplbXlbWireXLB_MTU_CHECK_MIN    XdplbXlbWire = 576
+	XdplbXlbWireXLB_ICMP_QUOTE_L4    XdplbXlbWire = 8
 )
 
 // Names of all BPF objects in the ELF.

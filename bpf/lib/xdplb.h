@@ -50,6 +50,14 @@ enum xlb_wire {
 	 * 24 bytes with padding. */
 	XLB_IP6OPT_TYPE = 0x1e,
 	XLB_IP6OPT_HDRLEN = 24,
+	/* A packet that stays within this many bytes (the IPv4 datagram every
+	 * host must accept) once encapsulated is not checked against the
+	 * device MTU; a larger one is (bpf_check_mtu), and answered with ICMP
+	 * frag-needed / packet-too-big if it does not fit. */
+	XLB_MTU_CHECK_MIN = 576,
+	/* The ICMP errors the LB sends quote the client's IP header and the
+	 * first 8 bytes after it. */
+	XLB_ICMP_QUOTE_L4 = 8,
 };
 
 /* lb_services key: a frontend. */
@@ -213,8 +221,9 @@ struct xlb_backend_stats {
 };
 
 /* Global counters (per-CPU array indexed by enum xlb_stat). Every packet
- * counts exactly one verdict (XLB_PASS_*, XLB_DROP_*, XLB_TX_*); the
- * XLB_EV_* events are counted on top. The Go label table is checked
+ * counts exactly one verdict (XLB_PASS_*, XLB_DROP_*, XLB_TX_*, wherever
+ * they are in the list: new counters are appended); the XLB_EV_* events
+ * are counted on top. The Go label table is checked
  * against XLB_STAT_MAX by a test. */
 enum xlb_stat {
 	XLB_PASS_NOT_IP = 0,   /* not IPv4/IPv6: ARP, LLDP, ... */
@@ -242,6 +251,8 @@ enum xlb_stat {
 	XLB_EV_FRAG_FIRST,     /* first fragment of a SNAT reply rewritten, its record kept (lb_frags) */
 	XLB_EV_FRAG_LATER,     /* later fragment of a SNAT reply rewritten from its record */
 	XLB_EV_FRAG_UNKNOWN,   /* later fragment to the node address without record: passed */
+	XLB_TX_TOO_BIG,        /* verdict: ICMP frag-needed / packet-too-big sent back to the client (encapsulated, its packet would exceed the device MTU) */
+	XLB_DROP_TOO_BIG,      /* verdict: IPv4 without DF that would exceed the device MTU once encapsulated (cannot be fragmented here) */
 	XLB_STAT_MAX,
 };
 
