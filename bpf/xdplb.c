@@ -867,6 +867,10 @@ static __always_inline int packet_too_big6(struct xdp_md *ctx, const struct pkt 
 	return tx_built(XLB_TX_TOO_BIG);
 }
 
+/* XLB_GROW_MAX is the most a dispatch adds: Geneve over IPv6 for an IPv6
+ * service. */
+#define XLB_GROW_MAX (sizeof(struct ipv6hdr) + sizeof(struct udphdr) + sizeof(struct genevehdr_) + sizeof(struct geneve_opt_hdr) + 20)
+
 /* encap_growth is what the dispatch of ct adds to the packet. */
 static __always_inline __u32 encap_growth(const struct pkt *p, const struct xlb_ct *ct)
 {
@@ -892,8 +896,12 @@ static __always_inline __u32 encap_growth(const struct pkt *p, const struct xlb_
 static __always_inline int too_big(struct xdp_md *ctx, const struct pkt *p, const struct xlb_config *cfg,
 				   const struct xlb_ct *ct)
 {
-	__u32 grow = encap_growth(p, ct), mtu = p->ip_len;
+	__u32 grow, mtu = p->ip_len;
 
+	/* the common case in one comparison: small enough for any dispatch */
+	if (p->ip_len + XLB_GROW_MAX <= XLB_MTU_CHECK_MIN)
+		return LB_CONTINUE;
+	grow = encap_growth(p, ct);
 	if (p->ip_len + grow <= XLB_MTU_CHECK_MIN)
 		return LB_CONTINUE;
 	if (bpf_check_mtu(ctx, 0, &mtu, (__s32)grow, 0) != BPF_MTU_CHK_RET_FRAG_NEEDED)
