@@ -40,11 +40,11 @@ type Config struct {
 	// Conntrack selects the LRU of the conntrack, SNAT and DSR reverse-NAT
 	// maps: "percpu" (per-CPU LRU lists, BPF_F_NO_COMMON_LRU; the default)
 	// or "shared" (one LRU list with per-CPU free-list caches). Measured
-	// with `shuntctl bench xdp` on 2 CPUs (default capacity, same run): new
-	// flows 336 vs 390 ns, new flows into a full map (eviction) 598 vs
-	// 802 ns, new flows on both CPUs at once 395 vs 482 ns; established
-	// flows equal. The price: capacity is split, each CPU evicts its own
-	// flows once it holds maxFlows/CPUs of them.
+	// with `shuntctl bench xdp` on 2 CPUs (default capacity, medians of 8
+	// runs): new flows 330 vs 349 ns, new flows into a full map (eviction)
+	// 657 vs 784 ns, new flows on both CPUs at once 380 vs 462 ns;
+	// established flows 150 vs 160 ns. The price: capacity is split, each
+	// CPU evicts its own flows once it holds maxFlows/CPUs of them.
 	Conntrack string `json:"conntrack,omitempty"`
 	// Capacities.
 	MaxServices uint32 `json:"maxServices,omitempty"`
