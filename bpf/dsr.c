@@ -634,7 +634,7 @@ static __always_inline int opt4(struct __sk_buff *skb)
 	h.ip.ihl = 5;
 	h.ip.tot_len = bpf_htons(bpf_ntohs(h.ip.tot_len) - XLB_IPOPT_LEN);
 	h.ip.check = 0;
-	h.ip.check = ip4_csum20((__u16 *)&h.ip);
+	h.ip.check = ip4_csum20(&h.ip);
 	if (bpf_skb_store_bytes(skb, ETH_HLEN_, &h.ip, sizeof(h.ip), 0))
 		goto error;
 	stat_inc(h.ip.protocol == IPPROTO_ICMP ? DSR_IN_ICMP : DSR_IN_OPT);

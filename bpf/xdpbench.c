@@ -1,18 +1,35 @@
 //go:build ignore
 
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
-/* xdpbench: the traffic generator and sink of `shuntctl bench xdp`.
+/* xdpbench: the traffic generator, sink and measuring aids of
+ * `shuntctl bench xdp`.
  *
  * bench_tx is run with BPF_PROG_TEST_RUN in live-frames mode: every frame
  * it returns XDP_TX for is transmitted out of the given interface, towards
  * the device under test. Live-frames mode recycles pages, and a device
  * under test that rewrites frames in place (XDP_TX after encapsulating)
- * leaves its output in them, so bench_tx first copies the frame from
- * bench_frame[0] (BENCH_FRAME_LEN bytes). bench_sink, attached to where the
- * device under test sends its output, counts the frames and drops them.
+ * leaves its output in them, so bench_tx writes each frame afresh: the next
+ * of the list in bench_frames (BENCH_FRAME_LEN bytes each), as bench_pos
+ * says for the CPU. bench_sink, attached to where the device under test
+ * sends its output, counts the frames and drops them.
+ *
+ * bench_replay runs a program under test with BPF_PROG_TEST_RUN's repeat,
+ * giving each run the next frame of the list (tail call through
+ * bench_target). bench_grow is the empty program that grows the frame as
+ * IPIP does, to measure what putting a grown frame back costs the replay.
+ * bench_ct_flow is the conntrack alone: the lookup and, on a miss, the
+ * insert xdplb does for an IPv4 flow, in bench_ct, a map of the same layout
+ * and kind as lb_ct4 (sized and flagged like it by the benchmark).
  */
 #include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "lib/xdplb.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -29,30 +46,23 @@ enum bench_const {
 
 struct bench_frame {
 	__u8 data[BENCH_FRAME_LEN];
-};
+} __attribute__((aligned(8)));
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, struct bench_frame);
-	__uint(max_entries, 1);
-} bench_tmpl SEC(".maps");
+/* copy_frame writes a frame to the packet with word stores (a byte-wise
+ * copy would make the replay's own cost, subtracted from every result,
+ * larger and noisier). */
+static __always_inline void copy_frame(void *dst, const struct bench_frame *f)
+{
+	const __u64 *s = (const __u64 *)f->data;
+
+#pragma unroll
+	for (int i = 0; i < BENCH_FRAME_LEN / 8; i++)
+		((__u64 *)dst)[i] = s[i];
+	*(__u32 *)(dst + 56) = *(const __u32 *)(f->data + 56);
+}
 
 const enum bench_const __unused_bench_const __attribute__((unused));
-
-SEC("xdp")
-int bench_tx(struct xdp_md *ctx)
-{
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	__u32 zero = 0;
-	struct bench_frame *f = bpf_map_lookup_elem(&bench_tmpl, &zero);
-
-	if (!f || data + BENCH_FRAME_LEN > end)
-		return XDP_ABORTED;
-	__builtin_memcpy(data, f->data, BENCH_FRAME_LEN);
-	return XDP_TX;
-}
+_Static_assert(BENCH_FRAME_LEN == 60, "copy_frame copies 7 words and 4 bytes");
 
 SEC("xdp")
 int bench_sink(struct xdp_md *ctx)
@@ -99,28 +109,97 @@ struct {
 	__uint(max_entries, 1);
 } bench_target SEC(".maps");
 
+/* next_frame returns the frame the CPU's list gives next. */
+static __always_inline struct bench_frame *next_frame(void)
+{
+	__u32 zero = 0, idx;
+	struct bench_state *st = bpf_map_lookup_elem(&bench_pos, &zero);
+
+	if (!st || st->n == 0)
+		return 0;
+	idx = st->base + st->next;
+	st->next = st->next + 1 >= st->n ? 0 : st->next + 1;
+	return bpf_map_lookup_elem(&bench_frames, &idx);
+}
+
+SEC("xdp")
+int bench_tx(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct bench_frame *f = next_frame();
+
+	if (!f || data + BENCH_FRAME_LEN > end)
+		return XDP_ABORTED;
+	copy_frame(data, f);
+	return XDP_TX;
+}
+
 SEC("xdp")
 int bench_replay(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
-	__u32 zero = 0, idx;
-	struct bench_state *st = bpf_map_lookup_elem(&bench_pos, &zero);
 	struct bench_frame *f;
 	long grown = (long)(end - data) - BENCH_FRAME_LEN;
 
-	if (!st || st->n == 0 || grown < 0 || grown > 255)
+	if (grown < 0 || grown > 255)
 		return XDP_ABORTED;
 	if (grown && bpf_xdp_adjust_head(ctx, (int)grown))
 		return XDP_ABORTED;
-	idx = st->base + st->next;
-	st->next = st->next + 1 >= st->n ? 0 : st->next + 1;
-	f = bpf_map_lookup_elem(&bench_frames, &idx);
+	f = next_frame();
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
 	if (!f || data + BENCH_FRAME_LEN > end)
 		return XDP_ABORTED;
-	__builtin_memcpy(data, f->data, BENCH_FRAME_LEN);
+	copy_frame(data, f);
 	bpf_tail_call(ctx, &bench_target, 0);
 	return XDP_ABORTED;
+}
+
+SEC("xdp")
+int bench_grow(struct xdp_md *ctx)
+{
+	if (bpf_xdp_adjust_head(ctx, -(int)sizeof(struct iphdr)))
+		return XDP_ABORTED;
+	return XDP_TX;
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct xlb_flow4);
+	__type(value, struct xlb_ct);
+	__uint(max_entries, 262144);
+} bench_ct SEC(".maps");
+
+/* bench_ct_flow: lb_ct4's lookup, and on a miss its insert, for the
+ * IPv4 TCP/UDP packet; bench_count counts the inserts. */
+SEC("xdp")
+int bench_ct_flow(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct iphdr *ip = data + sizeof(struct ethhdr);
+	struct udphdr *uh = (void *)(ip + 1);
+	struct xlb_flow4 k = {};
+	struct xlb_ct ct = {};
+	__u32 zero = 0;
+	__u64 *n;
+
+	if ((void *)(uh + 1) > end)
+		return XDP_ABORTED;
+	k.src = ip->saddr;
+	k.dst = ip->daddr;
+	k.sport = uh->source;
+	k.dport = uh->dest;
+	k.proto = ip->protocol;
+	if (bpf_map_lookup_elem(&bench_ct, &k))
+		return XDP_DROP;
+	ct.be.port = uh->dest;
+	ct.be.family = XLB_AF_INET;
+	bpf_map_update_elem(&bench_ct, &k, &ct, BPF_ANY);
+	n = bpf_map_lookup_elem(&bench_count, &zero);
+	if (n)
+		*n += 1;
+	return XDP_DROP;
 }

@@ -22,6 +22,7 @@ const (
 type XdpbenchBenchFrame struct {
 	_    structs.HostLayout
 	Data [60]uint8
+	_    [4]byte
 }
 
 type XdpbenchBenchState struct {
@@ -32,15 +33,46 @@ type XdpbenchBenchState struct {
 	Pad  uint32
 }
 
+type XdpbenchXlbCt struct {
+	_  structs.HostLayout
+	Be struct {
+		_            structs.HostLayout
+		Addr         [4]uint32
+		Tunnel       [4]uint32
+		Port         uint16
+		Family       uint8
+		TunnelFamily uint8
+	}
+	SvcId    uint32
+	BeId     uint32
+	SnatPort uint16
+	Action   uint8
+	Pad      uint8
+	Hash     uint32
+	Gen      uint32
+}
+
+type XdpbenchXlbFlow4 struct {
+	_     structs.HostLayout
+	Src   uint32
+	Dst   uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	XdpbenchMapBenchCount       = "bench_count"
+	XdpbenchMapBenchCt          = "bench_ct"
 	XdpbenchMapBenchFrames      = "bench_frames"
 	XdpbenchMapBenchPos         = "bench_pos"
 	XdpbenchMapBenchTarget      = "bench_target"
-	XdpbenchMapBenchTmpl        = "bench_tmpl"
+	XdpbenchProgBenchCtFlow     = "bench_ct_flow"
+	XdpbenchProgBenchGrow       = "bench_grow"
 	XdpbenchProgBenchReflect    = "bench_reflect"
 	XdpbenchProgBenchReplay     = "bench_replay"
 	XdpbenchProgBenchSink       = "bench_sink"
@@ -90,6 +122,8 @@ type XdpbenchSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type XdpbenchProgramSpecs struct {
+	BenchCtFlow  *ebpf.ProgramSpec `ebpf:"bench_ct_flow"`
+	BenchGrow    *ebpf.ProgramSpec `ebpf:"bench_grow"`
 	BenchReflect *ebpf.ProgramSpec `ebpf:"bench_reflect"`
 	BenchReplay  *ebpf.ProgramSpec `ebpf:"bench_replay"`
 	BenchSink    *ebpf.ProgramSpec `ebpf:"bench_sink"`
@@ -101,10 +135,10 @@ type XdpbenchProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type XdpbenchMapSpecs struct {
 	BenchCount  *ebpf.MapSpec `ebpf:"bench_count"`
+	BenchCt     *ebpf.MapSpec `ebpf:"bench_ct"`
 	BenchFrames *ebpf.MapSpec `ebpf:"bench_frames"`
 	BenchPos    *ebpf.MapSpec `ebpf:"bench_pos"`
 	BenchTarget *ebpf.MapSpec `ebpf:"bench_target"`
-	BenchTmpl   *ebpf.MapSpec `ebpf:"bench_tmpl"`
 }
 
 // XdpbenchVariableSpecs contains global variables before they are loaded into the kernel.
@@ -135,19 +169,19 @@ func (o *XdpbenchObjects) Close() error {
 // It can be passed to LoadXdpbenchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XdpbenchMaps struct {
 	BenchCount  *ebpf.Map `ebpf:"bench_count"`
+	BenchCt     *ebpf.Map `ebpf:"bench_ct"`
 	BenchFrames *ebpf.Map `ebpf:"bench_frames"`
 	BenchPos    *ebpf.Map `ebpf:"bench_pos"`
 	BenchTarget *ebpf.Map `ebpf:"bench_target"`
-	BenchTmpl   *ebpf.Map `ebpf:"bench_tmpl"`
 }
 
 func (m *XdpbenchMaps) Close() error {
 	return _XdpbenchClose(
 		m.BenchCount,
+		m.BenchCt,
 		m.BenchFrames,
 		m.BenchPos,
 		m.BenchTarget,
-		m.BenchTmpl,
 	)
 }
 
@@ -162,6 +196,8 @@ type XdpbenchVariables struct {
 //
 // It can be passed to LoadXdpbenchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XdpbenchPrograms struct {
+	BenchCtFlow  *ebpf.Program `ebpf:"bench_ct_flow"`
+	BenchGrow    *ebpf.Program `ebpf:"bench_grow"`
 	BenchReflect *ebpf.Program `ebpf:"bench_reflect"`
 	BenchReplay  *ebpf.Program `ebpf:"bench_replay"`
 	BenchSink    *ebpf.Program `ebpf:"bench_sink"`
@@ -170,6 +206,8 @@ type XdpbenchPrograms struct {
 
 func (p *XdpbenchPrograms) Close() error {
 	return _XdpbenchClose(
+		p.BenchCtFlow,
+		p.BenchGrow,
 		p.BenchReflect,
 		p.BenchReplay,
 		p.BenchSink,

@@ -45,6 +45,10 @@
 #include "lib/flowhash.h"
 #include "lib/csum.h"
 
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "xdplb composes header words for little-endian BPF"
+#endif
+
 char __license[] SEC("license") = "Dual BSD/GPL";
 
 #define ETH_P_8021Q_ 0x8100
@@ -103,12 +107,21 @@ struct {
 	__uint(max_entries, 65536);
 } lb_backends SEC(".maps");
 
+/* Conntrack, one map per family: an IPv4 flow's key is 16 bytes, an IPv6
+ * flow's 40 (the kernel hashes the whole key on every lookup). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct xlb_flow4);
+	__type(value, struct xlb_ct);
+	__uint(max_entries, 262144);
+} lb_ct4 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct xlb_flow);
 	__type(value, struct xlb_ct);
 	__uint(max_entries, 262144);
-} lb_ct SEC(".maps");
+} lb_ct6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -204,7 +217,8 @@ struct genevehdr_ {
 
 /* pkt is what parsing learnt about a packet. */
 struct pkt {
-	struct xlb_flow flow; /* client -> VIP, as the conntrack key */
+	struct xlb_flow flow; /* client -> VIP, as the lb_ct6 key */
+	struct xlb_flow4 key4; /* IPv4: client -> VIP, as the lb_ct4 key */
 	__u32 ports;          /* raw first 4 bytes of L4 (flow hash word 8) */
 	__u32 ip_len;         /* IP datagram length: header + payload */
 	__u32 frame_len;      /* bytes as received, for counters */
@@ -230,6 +244,13 @@ struct frag6hdr {
 	__be16 frag_off; /* offset (8-byte units) << 3 | M */
 	__be32 id;
 };
+
+/* LB_CONTINUE: parsed a TCP/UDP packet, go on with lb_l4 (also: a check
+ * found nothing to do, go on); LB_FRAG: parsed a fragment, go on with
+ * snat_frag (a single call site each keeps one copy of that code in the
+ * program). */
+#define LB_CONTINUE -1
+#define LB_FRAG -2
 
 static __always_inline void stat_inc(__u32 idx)
 {
@@ -269,18 +290,70 @@ static __always_inline void be_count(__u32 id, __u32 bytes, int new_flow)
 		s->flows++;
 }
 
+/* ct_lookup, ct_update, ct_delete: the conntrack entry of flow f, in the
+ * map of its family; k4 is the same flow as the lb_ct4 key. The empty asm
+ * keeps clang from merging the two helper calls into one with the map
+ * chosen before it: the verifier inlines a lookup only when every path to a
+ * call site passes the same map. */
+#define ct_keep_apart(v) asm volatile("" : "+r"(v))
+
+static __always_inline struct xlb_ct *ct_lookup(const struct xlb_flow *f, const struct xlb_flow4 *k4)
+{
+	struct xlb_ct *ct;
+
+	if (f->family == XLB_AF_INET) {
+		ct = bpf_map_lookup_elem(&lb_ct4, k4);
+		ct_keep_apart(ct);
+		return ct;
+	}
+	return bpf_map_lookup_elem(&lb_ct6, f);
+}
+
+static __always_inline void ct_update(const struct xlb_flow *f, const struct xlb_flow4 *k4, const struct xlb_ct *ct)
+{
+	long err;
+
+	if (f->family == XLB_AF_INET) {
+		err = bpf_map_update_elem(&lb_ct4, k4, ct, BPF_ANY);
+		ct_keep_apart(err);
+		return;
+	}
+	bpf_map_update_elem(&lb_ct6, f, ct, BPF_ANY);
+}
+
+static __always_inline void ct_delete(const struct xlb_flow *f, const struct xlb_flow4 *k4)
+{
+	long err;
+
+	if (f->family == XLB_AF_INET) {
+		err = bpf_map_delete_elem(&lb_ct4, k4);
+		ct_keep_apart(err);
+		return;
+	}
+	bpf_map_delete_elem(&lb_ct6, f);
+}
+
 static __always_inline __u32 l2_len(const struct pkt *p)
 {
 	return p->vlan ? sizeof(struct ethhdr) + sizeof(struct vlanhdr) : sizeof(struct ethhdr);
 }
 
-static __always_inline void swap_macs(struct ethhdr *eth)
+/* macs_swapped writes to dst (12 bytes) the two MAC addresses at src
+ * swapped: dst's destination is src's source and the other way round. dst
+ * may be src. Word loads and stores: packet data needs no alignment where
+ * XDP runs natively (the verifier enforces it only for strict-alignment
+ * architectures). */
+static __always_inline void macs_swapped(void *dst, const void *src)
 {
-	__u8 tmp[ETH_ALEN];
+	__u32 d4 = *(const __u32 *)src;
+	__u16 d2 = *(const __u16 *)(src + 4);
+	__u32 s4 = *(const __u32 *)(src + 6);
+	__u16 s2 = *(const __u16 *)(src + 10);
 
-	__builtin_memcpy(tmp, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, tmp, ETH_ALEN);
+	*(__u32 *)dst = s4;
+	*(__u16 *)(dst + 4) = s2;
+	*(__u32 *)(dst + 6) = d4;
+	*(__u16 *)(dst + 10) = d2;
 }
 
 /* tx bounces the (rewritten) frame back to where it came from. */
@@ -292,7 +365,13 @@ static __always_inline int tx(struct xdp_md *ctx, __u32 stat)
 
 	if ((void *)(eth + 1) > end)
 		return verdict(XLB_DROP_ENCAP, XDP_DROP);
-	swap_macs(eth);
+	macs_swapped(eth, eth);
+	return verdict(stat, XDP_TX);
+}
+
+/* tx_built bounces a frame whose MAC addresses were already swapped. */
+static __always_inline int tx_built(__u32 stat)
+{
 	return verdict(stat, XDP_TX);
 }
 
@@ -387,36 +466,23 @@ static __always_inline int rewrite(struct xdp_md *ctx, const struct pkt *p, cons
  * addresses swapped and proto (host order) as the new EtherType. */
 static __always_inline int push(struct xdp_md *ctx, const struct pkt *p, int len, __u16 proto)
 {
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	struct ethhdr eth, *e;
-	struct vlanhdr vh = {}, *v;
+	void *data, *end, *old;
 
-	if (data + sizeof(eth) + sizeof(vh) > end && p->vlan)
-		return -1;
-	if (data + sizeof(eth) > end)
-		return -1;
-	__builtin_memcpy(&eth, data, sizeof(eth));
-	if (p->vlan)
-		__builtin_memcpy(&vh, data + sizeof(eth), sizeof(vh));
 	if (bpf_xdp_adjust_head(ctx, -len))
 		return -1;
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
-	e = data;
-	if ((void *)(e + 1) > end)
+	old = data + len; /* where the L2 header is now */
+	if (old + sizeof(struct ethhdr) + sizeof(struct vlanhdr) > end)
 		return -1;
-	__builtin_memcpy(e->h_dest, eth.h_source, ETH_ALEN);
-	__builtin_memcpy(e->h_source, eth.h_dest, ETH_ALEN);
+	macs_swapped(data, old);
 	if (p->vlan) {
-		v = (void *)(e + 1);
-		if ((void *)(v + 1) > end)
-			return -1;
-		e->h_proto = eth.h_proto;
-		v->tci = vh.tci;
-		v->proto = bpf_htons(proto);
+		/* EtherType 802.1Q/802.1ad and the tag stay; the tag's
+		 * protocol becomes the outer one */
+		*(__u32 *)(data + 12) = *(__u32 *)(old + 12);
+		*(__be16 *)(data + 16) = bpf_htons(proto);
 	} else {
-		e->h_proto = bpf_htons(proto);
+		*(__be16 *)(data + 12) = bpf_htons(proto);
 	}
 	return 0;
 }
@@ -439,19 +505,21 @@ static __always_inline void outer_ip(void *l3, const struct pkt *p, const struct
 		__builtin_memcpy(&o->saddr, cfg->node6, 16);
 		__builtin_memcpy(&o->daddr, be->tunnel, 16);
 	} else {
-		struct iphdr h = {};
+		/* Written as five words (this file is built for little-endian
+		 * BPF only): version/IHL, TOS, total length; id 0, DF; TTL 64,
+		 * protocol, checksum; source; destination. The checksum is
+		 * summed from the same words. */
+		__u32 *w = l3;
+		__u32 w0 = bpf_htons(0x4500 | p->tos) | (__u32)bpf_htons(payload + sizeof(struct iphdr)) << 16;
+		__u32 w1 = (__u32)bpf_htons(IP_DF_) << 16;
+		__u32 w2 = bpf_htons(64 << 8 | proto);
+		__u64 sum = (__u64)w0 + w1 + w2 + cfg->node4 + be->tunnel[0];
 
-		h.version = 4;
-		h.ihl = 5;
-		h.tos = p->tos;
-		h.tot_len = bpf_htons(payload + sizeof(h));
-		h.frag_off = bpf_htons(IP_DF_);
-		h.ttl = 64;
-		h.protocol = proto;
-		h.saddr = cfg->node4;
-		h.daddr = be->tunnel[0];
-		h.check = ip4_csum20((__u16 *)&h);
-		__builtin_memcpy(l3, &h, sizeof(h));
+		w[0] = w0;
+		w[1] = w1;
+		w[2] = w2 | (__u32)(__u16)~csum_fold64(sum) << 16;
+		w[3] = cfg->node4;
+		w[4] = be->tunnel[0];
 	}
 }
 
@@ -680,6 +748,170 @@ static __always_inline int insert_opt6(struct xdp_md *ctx, const struct pkt *p, 
 	return verdict(stat, XDP_TX);
 }
 
+/* ---- ICMP "too big" for packets that would not fit once encapsulated ---- */
+
+/* icmp_reply reshapes the packet for an ICMP error in front of its own IP
+ * header: hdr bytes (the new IP and ICMP headers) are made room for, the L2
+ * header moves to the front with the MAC addresses swapped (push, proto the
+ * EtherType), and only quote bytes of the packet's IP datagram are kept. It
+ * returns the new IP header (hdr + quote bytes readable), 0 on failure. */
+static __always_inline __u32 *icmp_reply(struct xdp_md *ctx, const struct pkt *p, __u32 hdr, __u32 quote, __u16 proto)
+{
+	void *data, *end;
+	__u32 l2 = l2_len(p), *w;
+	long cut;
+
+	if (push(ctx, p, hdr, proto))
+		return 0;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	cut = (long)(end - data) - (long)(l2 + hdr + quote);
+	if (cut < 0 || (cut && bpf_xdp_adjust_tail(ctx, (int)-cut)))
+		return 0;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	w = data + l2;
+	if ((void *)w + hdr + quote > end)
+		return 0;
+	return w;
+}
+
+/* frag_needed4 turns the client's IPv4 packet into an ICMP "fragmentation
+ * needed" (type 3, code 4) with next-hop MTU mtu, from the node address back
+ * to the client: the headers go in front of the packet's own IP header,
+ * which with the 8 bytes after it is the quote, and the rest is cut off. A
+ * packet without DF cannot be fragmented here: dropped and counted. */
+static __always_inline int frag_needed4(struct xdp_md *ctx, const struct pkt *p, const struct xlb_config *cfg, __u32 mtu)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	const __u32 hdr = sizeof(struct iphdr) + sizeof(struct icmphdr_);
+	const __u32 quote = sizeof(struct iphdr) + XLB_ICMP_QUOTE_L4;
+	__u32 *w, w0, w2, w5, w6;
+	struct iphdr *ip = data + l2_len(p);
+	__u64 sum;
+	__u8 tos;
+
+	if ((void *)(ip + 1) > end)
+		return verdict(XLB_PASS_MALFORMED, XDP_PASS);
+	if (!(ip->frag_off & bpf_htons(IP_DF_)))
+		return verdict(XLB_DROP_TOO_BIG, XDP_DROP);
+	if (!cfg->node4)
+		return verdict(XLB_DROP_NO_NODE_ADDR, XDP_DROP);
+	/* as Linux: the TOS bits of the packet, precedence "internetwork
+	 * control" */
+	tos = (ip->tos & 0x1e) | 0xc0;
+	w = icmp_reply(ctx, p, hdr, quote, ETH_P_IP);
+	if (!w)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	/* IPv4 header: 5 words (id 0, no DF, TTL 64, ICMP) */
+	w0 = bpf_htons(0x4500 | tos) | (__u32)bpf_htons(hdr + quote) << 16;
+	w2 = bpf_htons(64 << 8 | IPPROTO_ICMP);
+	sum = (__u64)w0 + w2 + cfg->node4 + p->flow.src[0];
+	w[0] = w0;
+	w[1] = 0;
+	w[2] = w2 | (__u32)(__u16)~csum_fold64(sum) << 16;
+	w[3] = cfg->node4;
+	w[4] = p->flow.src[0];
+	/* ICMP: type, code, checksum; unused, next-hop MTU; then the quote
+	 * (words 7..13, already in place) */
+	w5 = ICMP_DEST_UNREACH_ | ICMP_FRAG_NEEDED_ << 8;
+	w6 = (__u32)bpf_htons(mtu > 0xffff ? 0xffff : mtu) << 16;
+	sum = (__u64)w5 + w6;
+#pragma unroll
+	for (int i = 7; i < 14; i++)
+		sum += w[i];
+	w[5] = w5 | (__u32)(__u16)~csum_fold64(sum) << 16;
+	w[6] = w6;
+	return tx_built(XLB_TX_TOO_BIG);
+}
+
+/* packet_too_big6 turns the client's IPv6 packet into an ICMPv6 "packet too
+ * big" with MTU mtu (at least 1280) from the node address back to the
+ * client, quoting its IPv6 header and the 8 bytes after it. */
+static __always_inline int packet_too_big6(struct xdp_md *ctx, const struct pkt *p, const struct xlb_config *cfg, __u32 mtu)
+{
+	const __u32 hdr = sizeof(struct ipv6hdr) + sizeof(struct icmp6hdr);
+	const __u32 quote = sizeof(struct ipv6hdr) + XLB_ICMP_QUOTE_L4;
+	__u32 *w, w1, w10;
+	__u64 sum;
+
+	if (!have_node_addr(cfg, XLB_AF_INET6))
+		return verdict(XLB_DROP_NO_NODE_ADDR, XDP_DROP);
+	w = icmp_reply(ctx, p, hdr, quote, ETH_P_IPV6);
+	if (!w)
+		return verdict(XLB_DROP_ENCAP, XDP_DROP);
+	/* IPv6 header: version 6, traffic class and flow label 0, payload
+	 * length, next header ICMPv6, hop limit 64; node -> client */
+	w1 = bpf_htons(sizeof(struct icmp6hdr) + quote) | (__u32)IPPROTO_ICMPV6 << 16 | (__u32)64 << 24;
+	w[0] = bpf_htonl(6 << 28);
+	w[1] = w1;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		w[2 + i] = cfg->node6[i];
+		w[6 + i] = p->flow.src[i];
+	}
+	/* ICMPv6: type 2, code 0, checksum; MTU; the quote (words 12..23).
+	 * The checksum covers the pseudo header: addresses, upper-layer
+	 * length, next header. */
+	w10 = bpf_htonl(mtu < 1280 ? 1280 : mtu);
+	sum = (__u64)ICMPV6_PKT_TOOBIG + w10 + bpf_htonl(sizeof(struct icmp6hdr) + quote) + bpf_htonl(IPPROTO_ICMPV6);
+#pragma unroll
+	for (int i = 2; i < 10; i++)
+		sum += w[i];
+#pragma unroll
+	for (int i = 12; i < 24; i++)
+		sum += w[i];
+	w[10] = ICMPV6_PKT_TOOBIG | (__u32)(__u16)~csum_fold64(sum) << 16;
+	w[11] = w10;
+	return tx_built(XLB_TX_TOO_BIG);
+}
+
+/* XLB_GROW_MAX is the most a dispatch adds: Geneve over IPv6 for an IPv6
+ * service. */
+#define XLB_GROW_MAX (sizeof(struct ipv6hdr) + sizeof(struct udphdr) + sizeof(struct genevehdr_) + sizeof(struct geneve_opt_hdr) + 20)
+
+/* encap_growth is what the dispatch of ct adds to the packet. */
+static __always_inline __u32 encap_growth(const struct pkt *p, const struct xlb_ct *ct)
+{
+	__u32 outer = ct->be.tunnel_family == XLB_AF_INET6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
+	int svc6 = p->flow.family == XLB_AF_INET6;
+
+	switch (ct->action) {
+	case XLB_ACT_GENEVE:
+		return outer + sizeof(struct udphdr) + sizeof(struct genevehdr_) + sizeof(struct geneve_opt_hdr) + (svc6 ? 20 : 8);
+	case XLB_ACT_OPT:
+		return svc6 ? XLB_IP6OPT_HDRLEN : XLB_IPOPT_LEN;
+	case XLB_ACT_SNAT:
+		return 0;
+	}
+	return outer;
+}
+
+/* too_big answers (see frag_needed4, packet_too_big6) a client packet that
+ * would not fit the device's MTU once encapsulated for ct, and returns
+ * LB_CONTINUE for one that fits. Only packets that would grow beyond
+ * XLB_MTU_CHECK_MIN are checked (bpf_check_mtu: the MTU of the device the
+ * packet came in on, which XDP_TX sends it out of). */
+static __always_inline int too_big(struct xdp_md *ctx, const struct pkt *p, const struct xlb_config *cfg,
+				   const struct xlb_ct *ct)
+{
+	__u32 grow, mtu = p->ip_len;
+
+	/* the common case in one comparison: small enough for any dispatch */
+	if (p->ip_len + XLB_GROW_MAX <= XLB_MTU_CHECK_MIN)
+		return LB_CONTINUE;
+	grow = encap_growth(p, ct);
+	if (p->ip_len + grow <= XLB_MTU_CHECK_MIN)
+		return LB_CONTINUE;
+	if (bpf_check_mtu(ctx, 0, &mtu, (__s32)grow, 0) != BPF_MTU_CHK_RET_FRAG_NEEDED)
+		return LB_CONTINUE;
+	mtu = mtu > grow ? mtu - grow : 0;
+	if (p->flow.family == XLB_AF_INET)
+		return frag_needed4(ctx, p, cfg, mtu);
+	return packet_too_big6(ctx, p, cfg, mtu);
+}
+
 /* ---- backend selection ---- */
 
 static __always_inline __u32 hash_of(const struct pkt *p, __u32 seed)
@@ -793,73 +1025,83 @@ static __always_inline int snat_forward(struct xdp_md *ctx, const struct pkt *p,
 	return tx(ctx, XLB_TX_SNAT);
 }
 
-/* forward sends a client -> VIP packet of service svc to its backend. */
 /* forward sends a client -> VIP packet to its backend: that of hit, a
- * valid conntrack entry, or else one picked from the table of svc. */
+ * valid conntrack entry, or else one picked from the table of svc. An
+ * established flow's entry is used in place (no copy), except on a RST,
+ * which deletes it first. */
 static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, struct xlb_config *cfg,
 				   const struct xlb_service *svc, struct xlb_ct *hit, int syn, int rst)
 {
-	struct xlb_ct ct = {};
+	struct xlb_ct nct, *ct;
 	int fresh = 0;
-	__u32 hash;
 
 	if (hit) {
-		ct = *hit;
-		hash = ct.hash;
+		ct = hit;
+		if (rst) {
+			nct = *hit;
+			ct = &nct;
+		}
 		stat_inc(XLB_EV_CT_HIT);
 	} else {
 		if (!svc)
 			return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
-		hash = hash_of(p, cfg->seed);
-		if (pick(svc, hash, &ct)) {
+		__builtin_memset(&nct, 0, sizeof(nct));
+		ct = &nct;
+		ct->hash = hash_of(p, cfg->seed);
+		if (pick(svc, ct->hash, ct)) {
 			struct xlb_svc_stats *s = bpf_map_lookup_elem(&lb_svc_stats, &svc->id);
 
 			if (s)
 				s->no_backend++;
 			return verdict(XLB_DROP_NO_BACKEND, XDP_DROP);
 		}
-		ct.action = action_for(svc, p->flow.proto);
-		ct.hash = hash;
-		ct.gen = svc->gen;
+		ct->action = action_for(svc, p->flow.proto);
+		ct->gen = svc->gen;
 		fresh = 1;
 		stat_inc(XLB_EV_CT_NEW);
 		if (p->flow.proto == IPPROTO_TCP && !syn)
 			stat_inc(XLB_EV_CT_MIDFLOW);
 	}
-	if (ct.action == XLB_ACT_SNAT) {
+	if (ct->action == XLB_ACT_SNAT) {
 		if (!have_node_addr(cfg, p->flow.family))
 			return verdict(XLB_DROP_NO_NODE_ADDR, XDP_DROP);
-		if (snat_claim(p, &ct, cfg, hash))
+		/* an established flow's new port (if its own was lost) is
+		 * written to its entry directly */
+		if (snat_claim(p, ct, cfg, ct->hash))
 			return verdict(XLB_DROP_NO_SNAT_PORT, XDP_DROP);
-		if (hit && hit->snat_port != ct.snat_port)
-			hit->snat_port = ct.snat_port;
 	}
 	if (rst) {
 		if (hit) {
-			bpf_map_delete_elem(&lb_ct, &p->flow);
+			ct_delete(&p->flow, &p->key4);
 			stat_inc(XLB_EV_CT_RST);
 		}
 	} else if (fresh) {
-		bpf_map_update_elem(&lb_ct, &p->flow, &ct, BPF_ANY);
+		ct_update(&p->flow, &p->key4, ct);
 	}
-	svc_count(ct.svc_id, p->frame_len, fresh);
-	be_count(ct.be_id, p->frame_len, fresh);
+	if (ct->action != XLB_ACT_SNAT) {
+		int big = too_big(ctx, p, cfg, ct);
 
-	switch (ct.action) {
+		if (big != LB_CONTINUE)
+			return big;
+	}
+	svc_count(ct->svc_id, p->frame_len, fresh);
+	be_count(ct->be_id, p->frame_len, fresh);
+
+	switch (ct->action) {
 	case XLB_ACT_SNAT:
-		return snat_forward(ctx, p, cfg, &ct);
+		return snat_forward(ctx, p, cfg, ct);
 	case XLB_ACT_GENEVE:
-		if (rewrite(ctx, p, 0, 0, ct.be.addr, ct.be.port, 0))
+		if (rewrite(ctx, p, 0, 0, ct->be.addr, ct->be.port, 0))
 			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
-		return encap_geneve(ctx, p, cfg, &ct.be, hash, p->flow.dst, p->flow.dport, XLB_TX_GENEVE);
+		return encap_geneve(ctx, p, cfg, &ct->be, ct->hash, p->flow.dst, p->flow.dport, XLB_TX_GENEVE);
 	case XLB_ACT_OPT:
-		if (rewrite(ctx, p, 0, 0, ct.be.addr, ct.be.port, 0))
+		if (rewrite(ctx, p, 0, 0, ct->be.addr, ct->be.port, 0))
 			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
 		if (p->flow.family == XLB_AF_INET6)
 			return insert_opt6(ctx, p, p->flow.dst, p->flow.dport, XLB_TX_OPT);
 		return insert_opt4(ctx, p, p->flow.dst, p->flow.dport, XLB_TX_OPT);
 	default:
-		return encap_ipip(ctx, p, cfg, &ct.be, hash, XLB_TX_IPIP);
+		return encap_ipip(ctx, p, cfg, &ct->be, ct->hash, XLB_TX_IPIP);
 	}
 }
 
@@ -972,7 +1214,7 @@ static __always_inline int ip4_header_ok(struct xdp_md *ctx, const struct pkt *p
 
 	if ((void *)(ip + 1) > end)
 		return 0;
-	return ip4_csum20((__u16 *)ip) == 0;
+	return ip4_csum20(ip) == 0;
 }
 
 /* lb_l4 is the common path once the 5-tuple is known. An established flow
@@ -993,7 +1235,7 @@ static __always_inline int lb_l4(struct xdp_md *ctx, struct pkt *p, __u8 ttl)
 		rst = p->tcp_flags & TCP_FLAG_RST;
 	}
 	if (!syn) {
-		hit = bpf_map_lookup_elem(&lb_ct, &p->flow);
+		hit = ct_lookup(&p->flow, &p->key4);
 		if (hit) {
 			__u32 *gen = bpf_map_lookup_elem(&lb_svc_gen, &hit->svc_id);
 
@@ -1136,6 +1378,7 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	struct xlb_vip key = {};
 	struct xlb_service *svc;
 	struct xlb_flow flow = {};
+	struct xlb_flow4 k4 = {};
 	struct xlb_ct *hit, ct = {};
 	__u32 vip[4], node[4] = {};
 
@@ -1155,7 +1398,12 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	flow.dport = esport;
 	flow.proto = eproto;
 	flow.family = p->flow.family;
-	hit = bpf_map_lookup_elem(&lb_ct, &flow);
+	k4.src = flow.src[0];
+	k4.dst = flow.dst[0];
+	k4.sport = flow.sport;
+	k4.dport = flow.dport;
+	k4.proto = flow.proto;
+	hit = ct_lookup(&flow, &k4);
 	if (hit) {
 		ct = *hit;
 		hash = ct.hash;
@@ -1203,11 +1451,6 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	}
 }
 
-/* LB_CONTINUE: parsed a TCP/UDP packet, go on with lb_l4; LB_FRAG: parsed
- * a fragment, go on with snat_frag (a single call site each keeps one copy
- * of that code in the program). */
-#define LB_CONTINUE -1
-#define LB_FRAG -2
 
 static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *ttl)
 {
@@ -1231,6 +1474,9 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 	p->flow.proto = ip->protocol;
 	p->flow.src[0] = ip->saddr;
 	p->flow.dst[0] = ip->daddr;
+	p->key4.src = ip->saddr;
+	p->key4.dst = ip->daddr;
+	p->key4.proto = ip->protocol;
 	if (ip->frag_off & bpf_htons(IP_MF_ | IP_OFFSET_)) {
 		p->frag_id = ip->id;
 		p->more = (ip->frag_off & bpf_htons(IP_MF_)) != 0;
@@ -1249,6 +1495,8 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 		p->ports = *(__u32 *)th;
 		p->flow.sport = th->source;
 		p->flow.dport = th->dest;
+		p->key4.sport = th->source;
+		p->key4.dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
 		*ttl = ip->ttl;
 		return p->frag ? LB_FRAG : LB_CONTINUE;
@@ -1261,6 +1509,8 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 		p->ports = *(__u32 *)uh;
 		p->flow.sport = uh->source;
 		p->flow.dport = uh->dest;
+		p->key4.sport = uh->source;
+		p->key4.dport = uh->dest;
 		*ttl = ip->ttl;
 		return p->frag ? LB_FRAG : LB_CONTINUE;
 	}
@@ -1281,7 +1531,7 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 		if (in->version != 4 || in->ihl != 5 ||
 		    (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP))
 			return verdict(XLB_PASS_ICMP, XDP_PASS);
-		if (ip4_csum20((__u16 *)ip) != 0)
+		if (ip4_csum20(ip) != 0)
 			return verdict(XLB_PASS_ICMP, XDP_PASS);
 		es[0] = in->saddr;
 		ed[0] = in->daddr;

@@ -86,6 +86,16 @@ type XdplbXlbFlow struct {
 	Pad    uint16
 }
 
+type XdplbXlbFlow4 struct {
+	_     structs.HostLayout
+	Src   uint32
+	Dst   uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
 type XdplbXlbFrag struct {
 	_     structs.HostLayout
 	Src   [4]uint32
@@ -107,7 +117,7 @@ type XdplbXlbFragKey struct {
 type XdplbXlbLayout uint32
 
 const (
-	XdplbXlbLayoutXLB_LAYOUT_VERSION XdplbXlbLayout = 2
+	XdplbXlbLayoutXLB_LAYOUT_VERSION XdplbXlbLayout = 3
 )
 
 type XdplbXlbMeta struct {
@@ -183,7 +193,9 @@ const (
 	XdplbXlbStatXLB_EV_FRAG_FIRST     XdplbXlbStat = 22
 	XdplbXlbStatXLB_EV_FRAG_LATER     XdplbXlbStat = 23
 	XdplbXlbStatXLB_EV_FRAG_UNKNOWN   XdplbXlbStat = 24
-	XdplbXlbStatXLB_STAT_MAX          XdplbXlbStat = 25
+	XdplbXlbStatXLB_TX_TOO_BIG        XdplbXlbStat = 25
+	XdplbXlbStatXLB_DROP_TOO_BIG      XdplbXlbStat = 26
+	XdplbXlbStatXLB_STAT_MAX          XdplbXlbStat = 27
 )
 
 type XdplbXlbStatSlots uint32
@@ -218,6 +230,8 @@ const (
 	XdplbXlbWireXLB_IPOPT_LEN        XdplbXlbWire = 8
 	XdplbXlbWireXLB_IP6OPT_TYPE      XdplbXlbWire = 30
 	XdplbXlbWireXLB_IP6OPT_HDRLEN    XdplbXlbWire = 24
+	XdplbXlbWireXLB_MTU_CHECK_MIN    XdplbXlbWire = 576
+	XdplbXlbWireXLB_ICMP_QUOTE_L4    XdplbXlbWire = 8
 )
 
 // Names of all BPF objects in the ELF.
@@ -227,7 +241,8 @@ const (
 	XdplbMapLbBackends         = "lb_backends"
 	XdplbMapLbBeStats          = "lb_be_stats"
 	XdplbMapLbConfig           = "lb_config"
-	XdplbMapLbCt               = "lb_ct"
+	XdplbMapLbCt4              = "lb_ct4"
+	XdplbMapLbCt6              = "lb_ct6"
 	XdplbMapLbFrags            = "lb_frags"
 	XdplbMapLbMeta             = "lb_meta"
 	XdplbMapLbServices         = "lb_services"
@@ -301,7 +316,8 @@ type XdplbMapSpecs struct {
 	LbBackends *ebpf.MapSpec `ebpf:"lb_backends"`
 	LbBeStats  *ebpf.MapSpec `ebpf:"lb_be_stats"`
 	LbConfig   *ebpf.MapSpec `ebpf:"lb_config"`
-	LbCt       *ebpf.MapSpec `ebpf:"lb_ct"`
+	LbCt4      *ebpf.MapSpec `ebpf:"lb_ct4"`
+	LbCt6      *ebpf.MapSpec `ebpf:"lb_ct6"`
 	LbFrags    *ebpf.MapSpec `ebpf:"lb_frags"`
 	LbMeta     *ebpf.MapSpec `ebpf:"lb_meta"`
 	LbServices *ebpf.MapSpec `ebpf:"lb_services"`
@@ -349,7 +365,8 @@ type XdplbMaps struct {
 	LbBackends *ebpf.Map `ebpf:"lb_backends"`
 	LbBeStats  *ebpf.Map `ebpf:"lb_be_stats"`
 	LbConfig   *ebpf.Map `ebpf:"lb_config"`
-	LbCt       *ebpf.Map `ebpf:"lb_ct"`
+	LbCt4      *ebpf.Map `ebpf:"lb_ct4"`
+	LbCt6      *ebpf.Map `ebpf:"lb_ct6"`
 	LbFrags    *ebpf.Map `ebpf:"lb_frags"`
 	LbMeta     *ebpf.Map `ebpf:"lb_meta"`
 	LbServices *ebpf.Map `ebpf:"lb_services"`
@@ -365,7 +382,8 @@ func (m *XdplbMaps) Close() error {
 		m.LbBackends,
 		m.LbBeStats,
 		m.LbConfig,
-		m.LbCt,
+		m.LbCt4,
+		m.LbCt6,
 		m.LbFrags,
 		m.LbMeta,
 		m.LbServices,

@@ -91,7 +91,8 @@ func Spec(p Params) (lb, dsr *ebpf.CollectionSpec, err error) {
 		{lb, bpf.XdplbMapLbSvcGen, p.MaxServices},
 		{lb, bpf.XdplbMapLbBackends, p.MaxBackends},
 		{lb, bpf.XdplbMapLbBeStats, p.MaxBackends},
-		{lb, bpf.XdplbMapLbCt, p.MaxFlows},
+		{lb, bpf.XdplbMapLbCt4, p.MaxFlows},
+		{lb, bpf.XdplbMapLbCt6, p.MaxFlows},
 		{lb, bpf.XdplbMapLbSnat, p.MaxFlows},
 		{dsr, bpf.DsrMapDsrServices, p.MaxBackends},
 		{dsr, bpf.DsrMapDsrRevnat, p.MaxFlows},
@@ -103,7 +104,7 @@ func Spec(p Params) (lb, dsr *ebpf.CollectionSpec, err error) {
 		}
 		ms.MaxEntries = s.n
 	}
-	for _, name := range []string{bpf.XdplbMapLbCt, bpf.XdplbMapLbSnat} {
+	for _, name := range []string{bpf.XdplbMapLbCt4, bpf.XdplbMapLbCt6, bpf.XdplbMapLbSnat} {
 		if p.PerCPULRU {
 			lb.Maps[name].Flags |= unix.BPF_F_NO_COMMON_LRU
 		}
@@ -289,7 +290,8 @@ func (d *Datapath) mapsByName() map[string]*ebpf.Map {
 		bpf.XdplbMapLbSvcGen:   l.LbSvcGen,
 		bpf.XdplbMapLbTables:   l.LbTables,
 		bpf.XdplbMapLbBackends: l.LbBackends,
-		bpf.XdplbMapLbCt:       l.LbCt,
+		bpf.XdplbMapLbCt4:      l.LbCt4,
+		bpf.XdplbMapLbCt6:      l.LbCt6,
 		bpf.XdplbMapLbSnat:     l.LbSnat,
 		bpf.XdplbMapLbConfig:   l.LbConfig,
 		bpf.XdplbMapLbMeta:     l.LbMeta,
@@ -559,6 +561,9 @@ func (d *Datapath) LBMaps() *bpf.XdplbMaps { return &d.lb.XdplbMaps }
 
 // DSRMaps gives access to the backend side's maps.
 func (d *Datapath) DSRMaps() *bpf.DsrMaps { return &d.dsr.DsrMaps }
+
+// Conntrack returns the conntrack maps (owned by d: do not close them).
+func (d *Datapath) Conntrack() Conntrack { return Conntrack{V4: d.lb.LbCt4, V6: d.lb.LbCt6} }
 
 // Params returns the parsed configuration.
 func (d *Datapath) Params() Params { return d.p }

@@ -30,6 +30,8 @@ var StatNames = []string{
 	"frag_first",
 	"frag_later",
 	"frag_unknown",
+	"tx_too_big",
+	"drop_too_big",
 }
 
 // DSRStatNames labels enum dsr_stat, in order; checked against DSR_STAT_MAX.

@@ -42,17 +42,27 @@ static __always_inline __u16 csum_apply(__u16 check, __u32 diff)
 	return (__u16)~csum_fold(csum_add(diff, (__u16)~check));
 }
 
-/* ip4_csum computes the checksum of a 20-byte IPv4 header held in memory
- * the verifier knows is readable (stack or checked packet); the check field
- * must be zero. */
-static __always_inline __u16 ip4_csum20(const __u16 *w)
+/* csum_fold64 folds a 64-bit sum of raw 32-bit words (less than 2^35) to
+ * 16 bits (not complemented). */
+static __always_inline __u16 csum_fold64(__u64 s)
 {
-	__u32 s = 0;
+	s = (s & 0xffffffff) + (s >> 32);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)s;
+}
 
-#pragma unroll
-	for (int i = 0; i < 10; i++)
-		s += w[i];
-	return (__u16)~csum_fold(s);
+/* ip4_csum20 computes the checksum of a 20-byte IPv4 header held in memory
+ * the verifier knows is readable (4-byte aligned stack, or checked packet);
+ * the check field must be zero, or the result is 0 when it is right. Five
+ * 32-bit loads instead of ten 16-bit ones. */
+static __always_inline __u16 ip4_csum20(const void *hdr)
+{
+	const __u32 *w = hdr;
+	__u64 s = (__u64)w[0] + w[1] + w[2] + w[3] + w[4];
+
+	return (__u16)~csum_fold64(s);
 }
 
 #endif

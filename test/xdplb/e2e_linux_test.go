@@ -34,15 +34,34 @@ func init() {
 	harness.RegisterApp("fetch", appFetch)
 }
 
-// bulk --listen ADDR:PORT --bytes N: per TCP connection writes "ID\n" and N
-// deterministic bytes, then closes. Prints READY.
+// bulk --listen ADDR:PORT --id ID --bytes N: per TCP connection writes
+// "ID\n" and N deterministic bytes, then closes. Prints READY.
 func appBulk(args []string) int {
-	fs := flag.NewFlagSet("bulk", flag.ContinueOnError)
+	var n int
+	var data []byte
+	return tcpServerApp("bulk", args, func(fs *flag.FlagSet) { fs.IntVar(&n, "bytes", 1<<20, "") },
+		func() { data = bulkData(n) },
+		func(c net.Conn, id string) {
+			fmt.Fprintf(c, "%s\n", id)
+			c.Write(data)
+		})
+}
+
+// tcpServerApp runs a server app with flags --listen ADDR:PORT and --id
+// (default name) plus those flags adds: once parsed, ready runs; it prints
+// READY and serves each connection with serve, closing it after.
+func tcpServerApp(name string, args []string, flags func(*flag.FlagSet), ready func(), serve func(c net.Conn, id string)) int {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	listen := fs.String("listen", "", "")
-	id := fs.String("id", "bulk", "")
-	n := fs.Int("bytes", 1<<20, "")
+	id := fs.String("id", name, "")
+	if flags != nil {
+		flags(fs)
+	}
 	if fs.Parse(args) != nil {
 		return 2
+	}
+	if ready != nil {
+		ready()
 	}
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
@@ -50,7 +69,6 @@ func appBulk(args []string) int {
 		return 1
 	}
 	fmt.Println("READY")
-	data := bulkData(*n)
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -58,8 +76,7 @@ func appBulk(args []string) int {
 		}
 		go func() {
 			defer c.Close()
-			fmt.Fprintf(c, "%s\n", *id)
-			c.Write(data)
+			serve(c, *id)
 		}()
 	}
 }
@@ -75,44 +92,53 @@ func bulkData(n int) []byte {
 // fetch --target ADDR:PORT --bytes N: connects, reads everything, prints
 // {"backend":..., "ok":bool, "error":...} after checking the bytes.
 func appFetch(args []string) int {
-	fs := flag.NewFlagSet("fetch", flag.ContinueOnError)
+	return tcpClientApp("fetch", args, func(c *net.TCPConn, n int) (string, error) {
+		br := bufio.NewReader(c)
+		line, err := br.ReadString('\n')
+		if err != nil {
+			return "", err
+		}
+		got, err := io.ReadAll(br)
+		if err != nil {
+			return "", err
+		}
+		if sha256.Sum256(got) != sha256.Sum256(bulkData(n)) {
+			return "", fmt.Errorf("received %d bytes, different from the %d sent", len(got), n)
+		}
+		return strings.TrimSpace(line), nil
+	})
+}
+
+// tcpClientApp runs a client app with flags --target ADDR:PORT, --bytes N
+// and --timeout (for everything): talk gets the connection and N and
+// returns the backend that answered; the outcome is printed (printOutcome).
+func tcpClientApp(name string, args []string, talk func(c *net.TCPConn, n int) (string, error)) int {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	target := fs.String("target", "", "")
 	n := fs.Int("bytes", 1<<20, "")
 	timeout := fs.Duration("timeout", 20*time.Second, "")
 	if fs.Parse(args) != nil {
 		return 2
 	}
+	c, err := net.DialTimeout("tcp", *target, *timeout)
+	if err != nil {
+		return printOutcome("", err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(*timeout))
+	return printOutcome(talk(c.(*net.TCPConn), *n))
+}
+
+// printOutcome prints a client app's outcome as {"backend":..., "ok":bool,
+// "error":...} and returns its exit status (0: the test reads the outcome).
+func printOutcome(backend string, err error) int {
 	res := struct {
 		Backend string `json:"backend"`
 		OK      bool   `json:"ok"`
 		Error   string `json:"error,omitempty"`
-	}{}
-	err := func() error {
-		c, err := net.DialTimeout("tcp", *target, *timeout)
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(*timeout))
-		br := bufio.NewReader(c)
-		line, err := br.ReadString('\n')
-		if err != nil {
-			return err
-		}
-		res.Backend = strings.TrimSpace(line)
-		got, err := io.ReadAll(br)
-		if err != nil {
-			return err
-		}
-		if sha256.Sum256(got) != sha256.Sum256(bulkData(*n)) {
-			return fmt.Errorf("received %d bytes, different from the %d sent", len(got), *n)
-		}
-		return nil
-	}()
+	}{Backend: backend, OK: err == nil}
 	if err != nil {
 		res.Error = err.Error()
-	} else {
-		res.OK = true
 	}
 	json.NewEncoder(os.Stdout).Encode(res)
 	return 0

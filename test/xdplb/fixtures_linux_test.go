@@ -405,13 +405,20 @@ func TestFixtures(t *testing.T) {
 	m := newModel(t, svcs)
 	fs := fixtures(t, m)
 	t.Logf("%d fixtures", len(fs))
+	runFixtures(t, d, fs, func(in []byte) (uint32, []byte, error) { return xdp.RunXDP(d.Program(), in) })
+}
+
+// runFixtures runs fs in order through run (the load balancer d on one
+// frame) and checks verdict, output and counter deltas of each.
+func runFixtures(t *testing.T, d *xdp.Datapath, fs []fixture, run func(in []byte) (uint32, []byte, error)) {
+	t.Helper()
 	for _, f := range fs {
 		beforeStats := readStats(t, d)
 		beforeSvc, err := d.ServiceCounters()
 		if err != nil {
 			t.Fatal(err)
 		}
-		verdict, out, err := xdp.RunXDP(d.Program(), f.in)
+		verdict, out, err := run(f.in)
 		if err != nil {
 			t.Fatalf("%s: %v", f.name, err)
 		}
@@ -460,7 +467,7 @@ func TestWhichMatchesMaglev(t *testing.T) {
 	svcs := fixtureServices()
 	d := newLB(t, svcs)
 	m := newModel(t, svcs)
-	ct := d.LBMaps().LbCt
+	ct := d.Conntrack()
 	r := newRand()
 	for i := 0; i < 10000; i++ {
 		var src, dst netip.AddrPort

@@ -29,6 +29,7 @@ type pk struct {
 	payload  []byte
 	ipOpts   []layers.IPv4Option
 	mf       bool   // IPv4 more-fragments
+	noDF     bool   // IPv4 without don't-fragment
 	fragOff  uint16 // IPv4 fragment offset (8-byte units)
 	frag6    bool   // IPv6 fragment header
 	badL4    bool   // corrupt the TCP/UDP checksum
@@ -84,7 +85,7 @@ func (p pk) ipLayer(proto layers.IPProtocol) (gopacket.NetworkLayer, []gopacket.
 			SrcIP: p.src.Addr().AsSlice(), DstIP: p.dst.Addr().AsSlice(), Options: p.ipOpts, FragOffset: p.fragOff}
 		if p.mf {
 			ip.Flags = layers.IPv4MoreFragments
-		} else if p.fragOff == 0 {
+		} else if p.fragOff == 0 && !p.noDF {
 			ip.Flags = layers.IPv4DontFragment
 		}
 		return ip, []gopacket.SerializableLayer{ip}

@@ -168,7 +168,7 @@ func (n *agentNode) checkPicks(svcs []mesh.Service, round int) (mismatches int) 
 		}
 		for i := 0; i < 20; i++ {
 			src := netip.AddrPortFrom(ip("198.51.100.77"), uint16(20000+round*1000+i))
-			res, err := xdp.Which(dp.Program(), dp.LBMaps().LbCt, s.Frontend.Proto, src, s.Frontend.Addr)
+			res, err := xdp.Which(dp.Program(), dp.Conntrack(), s.Frontend.Proto, src, s.Frontend.Addr)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -28,10 +28,12 @@ const benchUsage = `usage:
       client → sidecar proxy (→ server's sidecar) → server: direct, Istio-style iptables REDIRECT,
       Shunt steering with sockmap off, auto and on; every byte verified, counters prove each path
       (workloads: rr<size>[x<conns>] request/response, stream[<size>]; sizes take a k suffix)
-  shuntctl bench xdp [--reps 5] [--calls 20000] [--flows 100000] [--duration 2s] [--cpu N] [--no-throughput]
-                     [--realtime=true] [--markdown]
-      XDP load balancer: ns/packet via BPF_PROG_TEST_RUN (hot flow, new flow, many flows;
-      per-CPU vs shared LRU), Mpps through veth vs kernel forwarding + iptables DNAT
+  shuntctl bench xdp [--reps 5] [--calls 20000] [--flows 100000] [--duration 2s] [--cpu N] [--batch 64]
+                     [--no-throughput] [--realtime=true] [--markdown]
+      XDP load balancer: ns/packet via BPF_PROG_TEST_RUN (hot flow, new flow with and without
+      LRU eviction, many flows; per-CPU vs shared LRU; the conntrack alone; memory latency),
+      Mpps through veth vs kernel forwarding + iptables DNAT with the device under test on its
+      own CPU and each stage's CPU time per packet
   shuntctl bench xds [--services 3000] [--backends 30] [--clients 100] [--changes 100] [--reps 5]
                      [--interval 20ms] [--delta] [--seed 1] [--markdown]
       xDS server: full translation, push latency of one service's endpoint change to N
@@ -197,7 +199,8 @@ func benchXDP(args []string, stdout, stderr io.Writer) error {
 	calls := fs.Int("calls", 20000, "test runs per scenario and repetition")
 	flows := fs.Int("flows", 100000, "established flows of the many-flows scenario")
 	dur := fs.Duration("duration", 2*time.Second, "each throughput measurement")
-	cpu := fs.Int("cpu", runtime.NumCPU()-1, "CPU of the single-threaded runs and of the generator")
+	cpu := fs.Int("cpu", runtime.NumCPU()-1, "CPU of the single-threaded runs and of the device under test (the generator runs on another)")
+	batch := fs.Int("batch", 64, "live-frames batch size of the generator (at most 256)")
 	noTput := fs.Bool("no-throughput", false, "skip the veth throughput part")
 	md := fs.Bool("markdown", false, "print only the Markdown tables")
 	rt := fs.Bool("realtime", true, "measuring threads SCHED_FIFO while they run (other load cannot preempt them)")
@@ -210,7 +213,7 @@ func benchXDP(args []string, stdout, stderr io.Writer) error {
 	ctx, stop := signalContext()
 	defer stop()
 	return interrupted(ctx, bench.RunXDP(ctx, bench.XDPOptions{Reps: *reps, Calls: *calls, Flows: *flows, Duration: *dur, CPU: *cpu,
-		SkipThroughput: *noTput, Realtime: *rt, Markdown: *md, Log: stderr}, stdout))
+		Batch: *batch, SkipThroughput: *noTput, Realtime: *rt, Markdown: *md, Log: stderr}, stdout))
 }
 
 func benchXDS(args []string, stdout, stderr io.Writer) error {

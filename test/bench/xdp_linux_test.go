@@ -1,0 +1,58 @@
+package bench
+
+import (
+	"context"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The XDP benchmark, small, end to end: every scenario ran every
+// repetition, each new-flow run created one conntrack entry per packet and
+// each hit run used one (MeasureXDP checks both and fails otherwise), the
+// full conntracks stayed full, and every path delivered packets with xdplb
+// forwarding all of its own by IPIP. Nothing about timing is asserted.
+func TestXDPBenchQuick(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("needs root (network namespaces, eBPF)")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	o := XDPOptions{Reps: 2, Calls: 500, Flows: 1000, Capacity: 8192, Duration: 250 * time.Millisecond, Log: logWriter{t}}
+	res, err := MeasureXDP(ctx, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range []string{ppEmpty1, ppGrow1, ppEmptyFresh, ppEmptyMany, ppHot, ppCTHit, ppMiss, ppMissShared, ppEvict, ppEvictShared,
+		ppCTMiss, ppCTEvict, ppMany, ppManyShared, ppMiss2, ppMiss2Shared, ppMemBuckets, ppMemAll} {
+		if xs := res.PerPacket[key]; len(xs) != o.Reps || xs[0] <= 0 {
+			t.Errorf("%s: %v, want %d positive values", key, xs, o.Reps)
+		}
+	}
+	for name, n := range res.FullAfter {
+		if n < res.FullBefore[name]*9/10 {
+			t.Errorf("full conntrack %s held %d entries before the runs and %d after: not full", name, res.FullBefore[name], n)
+		}
+	}
+	v := res.Veth
+	for name, p := range map[string]VethPath{"one CPU lb": v.OneCPU.LB, "one CPU ipt": v.OneCPU.IPT, "one CPU refl": v.OneCPU.Refl,
+		"split lb": v.Split.LB, "split ipt": v.Split.IPT, "split refl": v.Split.Refl} {
+		if len(p.Mpps) != o.Reps || p.Mpps[0] <= 0 {
+			t.Errorf("%s: delivered %v Mpps", name, p.Mpps)
+		}
+	}
+	if len(v.Split.LB.DUTns) != o.Reps || v.Split.LB.DUTns[0] <= 0 {
+		t.Errorf("split lb: DUT CPU time per packet %v", v.Split.LB.DUTns)
+	}
+	if v.LBPackets == 0 || len(v.LBOther) > 0 {
+		t.Errorf("xdplb forwarded %d packets by IPIP; other verdicts: %v", v.LBPackets, v.LBOther)
+	}
+	report := XDPReport(res, false)
+	for _, want := range []string{"hot flow", "LRU eviction", "conntrack alone", "through veth, one CPU", "through veth, DUT on its own CPU", "Targets:"} {
+		if !strings.Contains(report, want) {
+			t.Errorf("report lacks %q:\n%s", want, report)
+		}
+	}
+	t.Log("\n" + report)
+}
