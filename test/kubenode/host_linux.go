@@ -249,6 +249,10 @@ func CheckHost(t *testing.T, name string, fn func(t *testing.T)) {
 		t.Fatal(err)
 	}
 	defer unlock()
+	// A killed run's node changed the machine (its kubelet's sysctls, its
+	// bridge): put it back first, or the first node's reaping of it would
+	// count as this test's traces.
+	reapStale(t.Logf)
 	before, err := TakeHostSnapshot()
 	if err != nil {
 		t.Fatal(err)

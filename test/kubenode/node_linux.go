@@ -151,7 +151,7 @@ func (n *Node) start() error {
 		return err
 	}
 
-	n.reapStale()
+	reapStale(n.t.Logf)
 	n.id = randID()
 	n.cgroupName = "shunt-kubenode-" + n.id
 	n.dir = filepath.Join(os.TempDir(), n.cgroupName)
@@ -190,9 +190,9 @@ const hostRecord = "host.json"
 // reapStale removes what a killed run left (it could not clean up): its
 // cgroups and their processes (shims and containers outlive a killed test),
 // the mounts, the bridge, the sysctls and host paths as its record says they
-// were, and its private folder. Start holds the lock, so no live node owns
-// them.
-func (n *Node) reapStale() {
+// were, and its private folder. The caller holds the lock (Start,
+// CheckHost), so no live node owns them.
+func reapStale(logf func(format string, args ...any)) {
 	hs, err := cgroupHierarchies()
 	if err != nil {
 		return
@@ -205,10 +205,10 @@ func (n *Node) reapStale() {
 		}
 	}
 	for name := range stale {
-		n.t.Logf("kubenode: removing the leftovers of a killed run: %s", name)
+		logf("kubenode: removing the leftovers of a killed run: %s", name)
 		report := func(err error) {
 			if err != nil {
-				n.t.Logf("kubenode: leftovers of %s: %v", name, err)
+				logf("kubenode: leftovers of %s: %v", name, err)
 			}
 		}
 		dir := filepath.Join(os.TempDir(), name)
