@@ -41,7 +41,8 @@ func XDPServices(st *mesh.State) []xdp.Service {
 		for _, b := range s.ActiveSet() {
 			active[b.Addr.String()] = b.Weight
 		}
-		xs := xdp.Service{Frontend: s.Frontend.Addr, Proto: s.Frontend.Proto, Mode: s.Mode, Dispatch: s.Dispatch}
+		xs := xdp.Service{Frontend: s.Frontend.Addr, Proto: s.Frontend.Proto, Mode: s.Mode, Dispatch: s.Dispatch,
+			ClientIPAffinity: s.AffinityTimeout > 0}
 		for _, b := range s.Backends {
 			xs.Backends = append(xs.Backends, xdp.Backend{Addr: b.Addr, Tunnel: b.Tunnel, Weight: active[b.Addr.String()]})
 		}

@@ -185,6 +185,7 @@ const enum xlb_layout __unused_xlb_layout __attribute__((unused));
 const enum xlb_family __unused_xlb_family __attribute__((unused));
 const enum xlb_wire __unused_xlb_wire __attribute__((unused));
 const enum xlb_stat_slots __unused_xlb_stat_slots __attribute__((unused));
+const enum xlb_svc_flag __unused_xlb_svc_flag __attribute__((unused));
 
 /* linux/icmp.h pulls in libc headers: the few ICMP definitions used here. */
 #define ICMP_DEST_UNREACH_ 3
@@ -919,6 +920,19 @@ static __always_inline __u32 hash_of(const struct pkt *p, __u32 seed)
 	return flow_hash(p->flow.src, p->flow.dst, p->ports, p->flow.proto, p->flow.family == XLB_AF_INET, seed);
 }
 
+/* slot_hash is the hash that picks a new flow's Maglev slot: the flow's
+ * own (hash), or for client-IP affinity that of the same 5-tuple with the
+ * client's port zeroed. ports is the raw __u32 of the transport header's
+ * first four bytes: on bpfel the source port is its low half. hash stays
+ * the flow's for everything else (SNAT port, encapsulation entropy). */
+static __always_inline __u32 slot_hash(const struct xlb_service *svc, const __u32 *src, const __u32 *dst,
+				       __u32 ports, __u8 proto, int v4, __u32 seed, __u32 hash)
+{
+	if (!(svc->flags & XLB_SVC_CLIENT_IP))
+		return hash;
+	return flow_hash(src, dst, ports & 0xffff0000, proto, v4, seed);
+}
+
 /* pick fills ct with the backend owning slot hash % M of the service's
  * Maglev table. */
 static __always_inline int pick(const struct xlb_service *svc, __u32 hash, struct xlb_ct *ct)
@@ -1048,7 +1062,8 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, struct xlb
 		__builtin_memset(&nct, 0, sizeof(nct));
 		ct = &nct;
 		ct->hash = hash_of(p, cfg->seed);
-		if (pick(svc, ct->hash, ct)) {
+		if (pick(svc, slot_hash(svc, p->flow.src, p->flow.dst, p->ports, p->flow.proto,
+					p->flow.family == XLB_AF_INET, cfg->seed, ct->hash), ct)) {
 			struct xlb_svc_stats *s = bpf_map_lookup_elem(&lb_svc_stats, &svc->id);
 
 			if (s)
@@ -1410,7 +1425,7 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	} else {
 		ports = (__u32)edport | (__u32)esport << 16;
 		hash = flow_hash(flow.src, flow.dst, ports, eproto, flow.family == XLB_AF_INET, cfg->seed);
-		if (pick(svc, hash, &ct))
+		if (pick(svc, slot_hash(svc, flow.src, flow.dst, ports, eproto, flow.family == XLB_AF_INET, cfg->seed, hash), &ct))
 			return verdict(XLB_PASS_ICMP, XDP_PASS);
 		ct.action = action_for(svc, eproto);
 	}

@@ -204,6 +204,12 @@ const (
 	XdplbXlbStatSlotsXLB_STAT_SLOTS XdplbXlbStatSlots = 64
 )
 
+type XdplbXlbSvcFlag uint32
+
+const (
+	XdplbXlbSvcFlagXLB_SVC_CLIENT_IP XdplbXlbSvcFlag = 1
+)
+
 type XdplbXlbSvcStats struct {
 	_         structs.HostLayout
 	Packets   uint64
@@ -260,6 +266,7 @@ const (
 	XdplbVarUnusedXlbMode      = "__unused_xlb_mode"
 	XdplbVarUnusedXlbStat      = "__unused_xlb_stat"
 	XdplbVarUnusedXlbStatSlots = "__unused_xlb_stat_slots"
+	XdplbVarUnusedXlbSvcFlag   = "__unused_xlb_svc_flag"
 	XdplbVarUnusedXlbWire      = "__unused_xlb_wire"
 )
 
@@ -339,6 +346,7 @@ type XdplbVariableSpecs struct {
 	UnusedXlbMode      *ebpf.VariableSpec `ebpf:"__unused_xlb_mode"`
 	UnusedXlbStat      *ebpf.VariableSpec `ebpf:"__unused_xlb_stat"`
 	UnusedXlbStatSlots *ebpf.VariableSpec `ebpf:"__unused_xlb_stat_slots"`
+	UnusedXlbSvcFlag   *ebpf.VariableSpec `ebpf:"__unused_xlb_svc_flag"`
 	UnusedXlbWire      *ebpf.VariableSpec `ebpf:"__unused_xlb_wire"`
 }
 
@@ -406,6 +414,7 @@ type XdplbVariables struct {
 	UnusedXlbMode      *ebpf.Variable `ebpf:"__unused_xlb_mode"`
 	UnusedXlbStat      *ebpf.Variable `ebpf:"__unused_xlb_stat"`
 	UnusedXlbStatSlots *ebpf.Variable `ebpf:"__unused_xlb_stat_slots"`
+	UnusedXlbSvcFlag   *ebpf.Variable `ebpf:"__unused_xlb_svc_flag"`
 	UnusedXlbWire      *ebpf.Variable `ebpf:"__unused_xlb_wire"`
 }
 

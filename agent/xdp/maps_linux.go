@@ -25,6 +25,13 @@ type Service struct {
 	Mode mesh.ForwardingMode
 	// Dispatch of DSR packets: ipip (the default), geneve or opt.
 	Dispatch mesh.Dispatch
+	// ClientIPAffinity sends every new flow of one client address to the
+	// same backend: the Maglev slot is picked from the flow's hash with
+	// the client's port zeroed (maglev.Tuple.ClientOnly). It holds on
+	// every load balancer with the same seed and backends, for as long
+	// as the table keeps that slot's owner; there is no timeout (see the
+	// README). Changing it keeps established flows on their backends.
+	ClientIPAffinity bool
 	// Backends with weight > 0 share the Maglev table in proportion to
 	// their weight; weight 0 drains (no new flows, established ones stay).
 	// Every backend listed is known to the backend side (dsr_services).
@@ -316,6 +323,9 @@ func (d *Datapath) Sync(desired []Service) (res SyncResult, err error) {
 		res.Fingerprints[FrontendString(s.Frontend, s.Proto)] = fp
 		old := st.svcs[key]
 		value := bpf.XdplbXlbService{Size: size, Mode: modeOf(s.Mode), Dispatch: dispatchOf(s.Dispatch)}
+		if s.ClientIPAffinity {
+			value.Flags |= uint16(bpf.XdplbXlbSvcFlagXLB_SVC_CLIENT_IP)
+		}
 		if old != nil {
 			value.Id = old.id
 			value.Gen = old.value.Gen

@@ -82,13 +82,23 @@ enum xlb_dispatch {
 	XLB_DISPATCH_OPT = 2,    /* DNAT to the backend, service in an IPv4 option / IPv6 destination option */
 };
 
+/* struct xlb_service.flags. */
+enum xlb_svc_flag {
+	/* Client-IP session affinity: a new flow's Maglev slot comes from the
+	 * hash of its 5-tuple with the client's port zeroed, so every flow
+	 * of one client address goes to the same backend, on every load
+	 * balancer with the same seed and backends, for as long as the
+	 * table keeps that slot's owner. */
+	XLB_SVC_CLIENT_IP = 1,
+};
+
 /* lb_services value. */
 struct xlb_service {
 	__u32 id;       /* index into lb_tables and lb_svc_stats */
 	__u32 size;     /* Maglev table size M; 0 = no backend takes new flows */
 	__u8 mode;      /* enum xlb_mode */
 	__u8 dispatch;  /* enum xlb_dispatch */
-	__u16 flags;
+	__u16 flags;    /* enum xlb_svc_flag */
 	__u32 gen;      /* generation of the id, as in lb_svc_gen[id] */
 };
 

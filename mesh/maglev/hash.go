@@ -78,6 +78,15 @@ func NewTuple(src, dst netip.AddrPort, proto uint8) Tuple {
 	}
 }
 
+// ClientOnly is t with the source port zeroed: the tuple whose [FlowHash]
+// picks the slot of a service with client-IP session affinity, so that
+// every flow of one client address to one frontend lands on the same
+// backend, on every node that builds the same table.
+func (t Tuple) ClientOnly() Tuple {
+	t.SrcPort = 0
+	return t
+}
+
 // FlowWordCount is the number of 32-bit words [FlowHash] mixes.
 const FlowWordCount = 10
 

@@ -358,6 +358,10 @@ func TestEndToEnd(t *testing.T) {
 	svc := func(vip string, p mesh.Protocol, mode mesh.ForwardingMode, disp mesh.Dispatch, bs []xdp.Backend) xdp.Service {
 		return xdp.Service{Frontend: ap(vip), Proto: p, Mode: mode, Dispatch: disp, Backends: bs}
 	}
+	affinity := func(s xdp.Service) xdp.Service {
+		s.ClientIPAffinity = true
+		return s
+	}
 	v4, v6 := c.backendsOf(8080, false, false), c.backendsOf(8080, true, false)
 	c.sync([]xdp.Service{
 		svc("10.96.0.10:80", mesh.TCP, mesh.DSR, mesh.IPIP, v4),
@@ -376,29 +380,34 @@ func TestEndToEnd(t *testing.T) {
 		svc("[fd00:96::12]:80", mesh.TCP, mesh.DSR, mesh.IPOption, v6),
 		svc("[fd00:96::13]:53", mesh.UDP, mesh.SNAT, "", v6),
 		svc("[fd00:96::15]:80", mesh.TCP, mesh.DSR, mesh.IPIP, c.backendsOf(8080, true, true)), // 6in4
+		affinity(svc("10.96.0.16:80", mesh.TCP, mesh.DSR, mesh.IPIP, v4)),
+		affinity(svc("[fd00:96::16]:53", mesh.UDP, mesh.SNAT, "", v6)),
 	})
 	client4, client6 := c.client.IPv4().String(), c.client.IPv6().String()
 	for _, tc := range []struct {
 		name, vip, proto, udp string
 		snat                  bool // the backend sees the load balancer's address
 		dsr                   bool
+		sticky                bool // client-IP affinity: every flow on one backend
 	}{
-		{"ipip tcp", "10.96.0.10:80", "tcp", "", false, true},
-		{"ipip udp", "10.96.0.10:53", "udp", "unconnected", false, true},
-		{"geneve tcp", "10.96.0.11:80", "tcp", "", false, true},
-		{"geneve udp", "10.96.0.11:53", "udp", "connected", false, true},
-		{"ip option tcp", "10.96.0.12:80", "tcp", "", false, true},
-		{"snat tcp", "10.96.0.13:80", "tcp", "", true, false},
-		{"snat udp", "10.96.0.13:53", "udp", "unconnected", true, false},
-		{"hybrid tcp (dsr)", "10.96.0.14:80", "tcp", "", false, true},
-		{"hybrid udp (snat)", "10.96.0.14:53", "udp", "unconnected", true, false},
-		{"4in6 tcp", "10.96.0.15:80", "tcp", "", false, true},
-		{"ip6ip6 tcp", "[fd00:96::10]:80", "tcp", "", false, true},
-		{"ip6ip6 udp", "[fd00:96::10]:53", "udp", "unconnected", false, true},
-		{"geneve v6 tcp", "[fd00:96::11]:80", "tcp", "", false, true},
-		{"destination option tcp", "[fd00:96::12]:80", "tcp", "", false, true},
-		{"snat v6 udp", "[fd00:96::13]:53", "udp", "unconnected", true, false},
-		{"6in4 tcp", "[fd00:96::15]:80", "tcp", "", false, true},
+		{"ipip tcp", "10.96.0.10:80", "tcp", "", false, true, false},
+		{"ipip udp", "10.96.0.10:53", "udp", "unconnected", false, true, false},
+		{"geneve tcp", "10.96.0.11:80", "tcp", "", false, true, false},
+		{"geneve udp", "10.96.0.11:53", "udp", "connected", false, true, false},
+		{"ip option tcp", "10.96.0.12:80", "tcp", "", false, true, false},
+		{"snat tcp", "10.96.0.13:80", "tcp", "", true, false, false},
+		{"snat udp", "10.96.0.13:53", "udp", "unconnected", true, false, false},
+		{"hybrid tcp (dsr)", "10.96.0.14:80", "tcp", "", false, true, false},
+		{"hybrid udp (snat)", "10.96.0.14:53", "udp", "unconnected", true, false, false},
+		{"4in6 tcp", "10.96.0.15:80", "tcp", "", false, true, false},
+		{"ip6ip6 tcp", "[fd00:96::10]:80", "tcp", "", false, true, false},
+		{"ip6ip6 udp", "[fd00:96::10]:53", "udp", "unconnected", false, true, false},
+		{"geneve v6 tcp", "[fd00:96::11]:80", "tcp", "", false, true, false},
+		{"destination option tcp", "[fd00:96::12]:80", "tcp", "", false, true, false},
+		{"snat v6 udp", "[fd00:96::13]:53", "udp", "unconnected", true, false, false},
+		{"6in4 tcp", "[fd00:96::15]:80", "tcp", "", false, true, false},
+		{"client-ip affinity tcp", "10.96.0.16:80", "tcp", "", false, true, true},
+		{"client-ip affinity snat v6 udp", "[fd00:96::16]:53", "udp", "unconnected", true, false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			lbBefore, dsrBefore := c.lbCounters(), c.dsrCounters()
@@ -412,7 +421,9 @@ func TestEndToEnd(t *testing.T) {
 			if r.Fail != 0 || r.OK != 30 {
 				t.Fatalf("%d ok, %d failed: %v", r.OK, r.Fail, r.Errors)
 			}
-			if len(r.Backends) < 2 {
+			if tc.sticky && len(r.Backends) != 1 {
+				t.Errorf("30 flows of one client went to %v: want one backend (client-IP affinity)", r.Backends)
+			} else if !tc.sticky && len(r.Backends) < 2 {
 				t.Errorf("30 flows all went to %v: not balanced", r.Backends)
 			}
 			// The client only ever talked to the VIP.

@@ -351,6 +351,21 @@ func fixtures(t testing.TB, m *model) []fixture {
 			verdict: xdp.XDPTx, out: out, counters: stats("tx_icmp"), svc: map[string]bpf.XdplbXlbSvcStats{
 				xdp.FrontendString(p.dst, mesh.UDP): {Packets: 1, Bytes: uint64(len(in))}}})
 	}
+	// Client-IP affinity: the slot is the client's (port zeroed), the
+	// encapsulation's entropy and the SNAT port stay the flow's own; an
+	// ICMP error about a flow without conntrack entry finds the same
+	// backend as the flow.
+	aff := pk{src: c4(clientPort + 50), dst: ap("10.96.0.12:80"), flags: "S"}
+	add(fixture{name: "new flow to a client-IP affinity service: the client's slot", in: aff.bytes(t), verdict: xdp.XDPTx,
+		out: b.ipip(aff, b.backend(aff)), counters: stats("tx_ipip", "ct_new")})
+	affNoCT := pk{src: c4(clientPort + 51), dst: ap("10.96.0.12:80"), flags: "A"}
+	ptbAff := b.ptb(affNoCT, 0)
+	add(fixture{name: "ICMP frag-needed about an affinity flow without conntrack entry: the client's backend", in: ptbAff,
+		verdict: xdp.XDPTx, out: b.ipipOf(ptbAff, 0, true, 0, b.backend(affNoCT), b.hash(affNoCT)), counters: stats("tx_icmp")})
+	affUDP := pk{src: c6(clientPort + 50), dst: ap("[fd00:96::12]:53"), udp: true, payload: []byte("query")}
+	add(fixture{name: "UDP to a client-IP affinity SNAT service: the client's backend, the flow's node port", in: affUDP.bytes(t),
+		verdict: xdp.XDPTx, out: b.snat(affUDP, b.backend(affUDP)), counters: stats("tx_snat", "ct_new")})
+
 	noCT := pk{src: c4(clientPort + 40), dst: ap("10.96.0.2:53"), udp: true}
 	add(fixture{name: "ICMP error about a SNAT flow without conntrack entry (node port unknown)", in: b.ptb(noCT, 0),
 		verdict: xdp.XDPPass, counters: stats("pass_icmp")})

@@ -57,6 +57,9 @@ func fixtureServices() []xdp.Service {
 			be("10.1.0.1:53", 1), be("10.1.0.2:53", 3), be("10.1.0.3:53", 0), be("10.1.0.4:53", 2)}},
 		{Frontend: ap("10.96.0.11:53"), Proto: mesh.UDP, Mode: mesh.DSR, Dispatch: mesh.IPOption, Backends: three4},
 		{Frontend: ap("[fd00:96::10]:53"), Proto: mesh.UDP, Mode: mesh.DSR, Dispatch: mesh.Geneve, Backends: three6},
+		// Client-IP session affinity: DSR and SNAT.
+		{Frontend: ap("10.96.0.12:80"), Proto: mesh.TCP, Mode: mesh.DSR, Dispatch: mesh.IPIP, ClientIPAffinity: true, Backends: three4},
+		{Frontend: ap("[fd00:96::12]:53"), Proto: mesh.UDP, Mode: mesh.SNAT, ClientIPAffinity: true, Backends: three6},
 	}
 }
 
@@ -138,7 +141,11 @@ func (m *model) pick(t testing.TB, src, dst netip.AddrPort, udp bool) xdp.Backen
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, ok := tab.LookupBackend(m.hash(src, dst, udp))
+	tu := maglev.NewTuple(src, dst, ipProtoNum(udp))
+	if s.ClientIPAffinity {
+		tu = tu.ClientOnly()
+	}
+	b, ok := tab.LookupBackend(maglev.FlowHash(tu, m.seed.DatapathSeed()))
 	if !ok {
 		t.Fatalf("service %s has no backend", dst)
 	}
