@@ -23,8 +23,16 @@ func TestCheckHostReapsKilledRun(t *testing.T) {
 	}
 	const key = "kernel/panic" // one the kubelet writes (10)
 	path := filepath.Join("/proc/sys", key)
+	unlock, err := lockNodes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A real killed run first (this test's record would otherwise hold
+	// its kubelet's values as the machine's).
+	reapStale(t.Logf)
 	orig, err := os.ReadFile(path)
 	if err != nil {
+		unlock()
 		t.Fatal(err)
 	}
 	want := strings.TrimSpace(string(orig))
@@ -32,10 +40,6 @@ func TestCheckHostReapsKilledRun(t *testing.T) {
 
 	// The killed run: its record says the machine had want; its kubelet
 	// then wrote another value.
-	unlock, err := lockNodes()
-	if err != nil {
-		t.Fatal(err)
-	}
 	before, err := TakeHostSnapshot()
 	if err != nil {
 		unlock()

@@ -8,12 +8,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -204,7 +206,19 @@ func reapStale(logf func(format string, args ...any)) {
 			stale[filepath.Base(f)] = true
 		}
 	}
-	for name := range stale {
+	// Newest first: the oldest record's sysctls are written last. (Start
+	// reaps before it records, so a record normally holds the machine's
+	// own values; should two ever be left, the oldest is the closest.)
+	names := slices.Collect(maps.Keys(stale))
+	age := func(name string) time.Time {
+		fi, err := os.Stat(filepath.Join(os.TempDir(), name, hostRecord))
+		if err != nil {
+			return time.Time{} // no record: nothing to restore, order irrelevant
+		}
+		return fi.ModTime()
+	}
+	slices.SortFunc(names, func(a, b string) int { return age(b).Compare(age(a)) })
+	for _, name := range names {
 		logf("kubenode: removing the leftovers of a killed run: %s", name)
 		report := func(err error) {
 			if err != nil {
