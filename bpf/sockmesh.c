@@ -1311,3 +1311,49 @@ int shunt_getpeername6(struct bpf_sock_addr *ctx)
 {
 	return revnat6(ctx);
 }
+
+/* shunt_sock_release forgets a closing socket's revnat entry for the peer
+ * it was connected to (TCP, connected UDP), so the LRU holds live sockets
+ * rather than evicting them for dead ones. An unconnected UDP socket's
+ * entries (one per backend it sent to through sendmsg) are not known here:
+ * they age out of the LRU. Never refuses: release cannot be denied. */
+SEC("cgroup/sock_release")
+int shunt_sock_release(struct bpf_sock *sk)
+{
+	struct revnat_key rk = {};
+	__u32 ip[4];
+
+	if (sk->protocol == IPPROTO_TCP)
+		rk.backend.proto = IPPROTO_TCP;
+	else if (sk->protocol == IPPROTO_UDP)
+		rk.backend.proto = IPPROTO_UDP;
+	else
+		return 1;
+	rk.backend.port = (__u16)sk->dst_port;
+	if (!rk.backend.port)
+		return 1; /* never connected */
+	if (sk->family == SHUNT_AF_INET) {
+		rk.backend.family = SHUNT_AF_INET;
+		rk.backend.ip[0] = sk->dst_ip4;
+	} else if (sk->family == SHUNT_AF_INET6) {
+		ip[0] = sk->dst_ip6[0];
+		ip[1] = sk->dst_ip6[1];
+		ip[2] = sk->dst_ip6[2];
+		ip[3] = sk->dst_ip6[3];
+		if (is_v4mapped(ip)) {
+			rk.backend.family = SHUNT_AF_INET;
+			rk.backend.ip[0] = ip[3];
+		} else {
+			rk.backend.family = SHUNT_AF_INET6;
+			rk.backend.ip[0] = ip[0];
+			rk.backend.ip[1] = ip[1];
+			rk.backend.ip[2] = ip[2];
+			rk.backend.ip[3] = ip[3];
+		}
+	} else {
+		return 1;
+	}
+	rk.cookie = bpf_get_socket_cookie(sk);
+	bpf_map_delete_elem(&revnat, &rk);
+	return 1;
+}

@@ -251,6 +251,7 @@ const (
 	SockmeshProgShuntSendmsg4     = "shunt_sendmsg4"
 	SockmeshProgShuntSendmsg6     = "shunt_sendmsg6"
 	SockmeshProgShuntSkMsg        = "shunt_sk_msg"
+	SockmeshProgShuntSockRelease  = "shunt_sock_release"
 	SockmeshProgShuntSockops      = "shunt_sockops"
 	SockmeshVarUnusedConfigFlags  = "__unused_config_flags"
 	SockmeshVarUnusedLayout       = "__unused_layout"
@@ -313,6 +314,7 @@ type SockmeshProgramSpecs struct {
 	ShuntSendmsg4     *ebpf.ProgramSpec `ebpf:"shunt_sendmsg4"`
 	ShuntSendmsg6     *ebpf.ProgramSpec `ebpf:"shunt_sendmsg6"`
 	ShuntSkMsg        *ebpf.ProgramSpec `ebpf:"shunt_sk_msg"`
+	ShuntSockRelease  *ebpf.ProgramSpec `ebpf:"shunt_sock_release"`
 	ShuntSockops      *ebpf.ProgramSpec `ebpf:"shunt_sockops"`
 }
 
@@ -443,6 +445,7 @@ type SockmeshPrograms struct {
 	ShuntSendmsg4     *ebpf.Program `ebpf:"shunt_sendmsg4"`
 	ShuntSendmsg6     *ebpf.Program `ebpf:"shunt_sendmsg6"`
 	ShuntSkMsg        *ebpf.Program `ebpf:"shunt_sk_msg"`
+	ShuntSockRelease  *ebpf.Program `ebpf:"shunt_sock_release"`
 	ShuntSockops      *ebpf.Program `ebpf:"shunt_sockops"`
 }
 
@@ -458,6 +461,7 @@ func (p *SockmeshPrograms) Close() error {
 		p.ShuntSendmsg4,
 		p.ShuntSendmsg6,
 		p.ShuntSkMsg,
+		p.ShuntSockRelease,
 		p.ShuntSockops,
 	)
 }

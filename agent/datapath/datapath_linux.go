@@ -68,6 +68,7 @@ var attachments = map[string]ebpf.AttachType{
 	bpf.SockmeshProgShuntGetpeername4: ebpf.AttachCgroupInet4GetPeername,
 	bpf.SockmeshProgShuntGetpeername6: ebpf.AttachCgroupInet6GetPeername,
 	bpf.SockmeshProgShuntGetsockopt:   ebpf.AttachCGroupGetsockopt,
+	bpf.SockmeshProgShuntSockRelease:  ebpf.AttachCgroupInetSockRelease,
 	bpf.SockmeshProgShuntSockops:      ebpf.AttachCGroupSockOps,
 	bpf.SockmeshProgShuntSkMsg:        ebpf.AttachSkMsgVerdict, // to the sock_hash map, not the cgroup
 }
@@ -85,6 +86,7 @@ var attachOrder = []string{
 	bpf.SockmeshProgShuntRecvmsg6,
 	bpf.SockmeshProgShuntGetpeername4,
 	bpf.SockmeshProgShuntGetpeername6,
+	bpf.SockmeshProgShuntSockRelease,
 	bpf.SockmeshProgShuntSockops,
 }
 
@@ -378,6 +380,7 @@ func (d *Datapath) programsByName() map[string]*ebpf.Program {
 		bpf.SockmeshProgShuntGetpeername4: p.ShuntGetpeername4,
 		bpf.SockmeshProgShuntGetpeername6: p.ShuntGetpeername6,
 		bpf.SockmeshProgShuntGetsockopt:   p.ShuntGetsockopt,
+		bpf.SockmeshProgShuntSockRelease:  p.ShuntSockRelease,
 		bpf.SockmeshProgShuntSockops:      p.ShuntSockops,
 		bpf.SockmeshProgShuntSkMsg:        p.ShuntSkMsg,
 	}

@@ -491,3 +491,51 @@ func TestSocketLBSessionAffinity(t *testing.T) {
 		t.Errorf("with a 1 s timeout the client stayed on %s for 12 rounds 1.2 s apart", start)
 	}
 }
+
+// TestRevnatForgetsClosedSockets: the reverse-NAT entry that lets a
+// translated socket see the VIP lives as long as the socket. While they
+// are open the applications see the VIP; once 60 connections of each kind
+// (TCP over IPv4, IPv6 and a v4-mapped address on an IPv6 socket,
+// connected UDP) are closed, sock_release has removed their entries, so
+// the LRU never has to evict live sockets' entries for dead ones.
+func TestRevnatForgetsClosedSockets(t *testing.T) {
+	c := newCluster(t)
+	a := newAgent(t, c.env, "")
+	a.ctl("service", "update", "--frontend", "10.96.0.10:80", "--protocol", "tcp", "--backends", c.backendList(false))
+	a.ctl("service", "update", "--frontend", "[fd00:96::10]:80", "--protocol", "tcp", "--backends", c.backendList(true))
+	a.ctl("service", "update", "--frontend", "10.96.0.11:53", "--protocol", "udp", "--backends", c.backendList(false))
+	entries := func() string {
+		t.Helper()
+		return a.metric(`shunt_map_entries{map="revnat"}`)
+	}
+	if n := entries(); n != "0" {
+		t.Fatalf("revnat holds %s entries before any connection", n)
+	}
+	for _, tc := range []struct{ target, proto, udp string }{
+		{"10.96.0.10:80", "tcp", ""},
+		{"[fd00:96::10]:80", "tcp", ""},
+		{"[::ffff:10.96.0.10]:80", "tcp", ""},
+		{"10.96.0.11:53", "udp", "connected"},
+	} {
+		args := []string{"--target", tc.target, "--proto", tc.proto, "--count", "60"}
+		if tc.udp != "" {
+			args = append(args, "--udp", tc.udp)
+		}
+		r := connect(t, c.client, args...)
+		if r.Fail != 0 || r.OK != 60 {
+			t.Fatalf("%s: %d ok, %d failed: %v", tc.target, r.OK, r.Fail, r.Errors)
+		}
+		for addr, n := range r.Peers {
+			if addr != tc.target {
+				t.Errorf("%s: app saw peer %s (%d times): its revnat entry was missing", tc.target, addr, n)
+			}
+		}
+		if n := entries(); n != "0" {
+			t.Errorf("after 60 closed %s connections to %s, revnat holds %s entries, want 0", tc.proto, tc.target, n)
+		}
+	}
+	// The translations really happened (the entries existed).
+	if v := a.metric(`shunt_datapath_events_total{event="revnat_hit"}`); v == "" || v == "0" {
+		t.Errorf("revnat_hit = %q: no peer was answered from revnat", v)
+	}
+}

@@ -513,7 +513,13 @@ func connectOnce(ctx context.Context, cfg connectCfg) (attemptResult, error) {
 			d.LocalAddr = &net.UDPAddr{IP: cfg.source.AsSlice()}
 		}
 	}
-	c, err := d.DialContext(ctx, cfg.proto+fam, cfg.target.String())
+	var c net.Conn
+	var err error
+	if cfg.target.Addr().Is4In6() {
+		c, err = dialMapped(cfg.proto, cfg.target, cfg.timeout)
+	} else {
+		c, err = d.DialContext(ctx, cfg.proto+fam, cfg.target.String())
+	}
 	if err != nil {
 		return a, err
 	}
@@ -554,6 +560,33 @@ func connectOnce(ctx context.Context, cfg connectCfg) (attemptResult, error) {
 		}
 	}
 	return a, nil
+}
+
+// dialMapped connects an IPv6 socket to a v4-mapped address (Go's net
+// package only dials those from IPv4 sockets), as a dual-stack application
+// does: what Shunt's connect6 translates in its v4-mapped path.
+func dialMapped(proto string, target netip.AddrPort, timeout time.Duration) (net.Conn, error) {
+	typ := unix.SOCK_STREAM
+	if proto == "udp" {
+		typ = unix.SOCK_DGRAM
+	}
+	fd, err := unix.Socket(unix.AF_INET6, typ|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	tv := unix.NsecToTimeval(timeout.Nanoseconds())
+	err = errors.Join(unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0),
+		unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv))
+	if err == nil {
+		err = unix.Connect(fd, &unix.SockaddrInet6{Addr: target.Addr().As16(), Port: int(target.Port())})
+	}
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("connect %s: %w", target, err)
+	}
+	f := os.NewFile(uintptr(fd), "mapped")
+	defer f.Close() // FileConn dups it
+	return net.FileConn(f)
 }
 
 // ---- stream ----

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -384,20 +385,46 @@ func checkMonitoring(t *testing.T, r *rendering) {
 	}
 }
 
-// crd is a minimal CustomResourceDefinition of the Prometheus Operator's
-// kinds: it lets the API server accept them; their schema is not checked
-// here (the rules they carry are, by promtool in TestChartRender).
-func crd(plural, kind string) map[string]any {
-	return map[string]any{
-		"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-		"metadata": map[string]any{"name": plural + ".monitoring.coreos.com"},
-		"spec": map[string]any{
-			"group": "monitoring.coreos.com", "scope": "Namespaced",
-			"names": map[string]any{"plural": plural, "singular": strings.ToLower(kind), "kind": kind},
-			"versions": []any{map[string]any{"name": "v1", "served": true, "storage": true,
-				"schema": map[string]any{"openAPIV3Schema": map[string]any{"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}},
-		},
+// operatorVersion is the Prometheus Operator release whose
+// CustomResourceDefinitions the install test serves: the chart's
+// ServiceMonitor and PrometheusRule are validated by the API server against
+// their real OpenAPI schemas.
+const operatorVersion = "v0.85.0"
+
+// operatorCRDs returns the Prometheus Operator's CRDs for ServiceMonitor and
+// PrometheusRule, as its release ships them (example/prometheus-operator-crd
+// of its Go module, fetched from the module proxy into the module cache).
+func operatorCRDs(t *testing.T) []map[string]any {
+	t.Helper()
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
 	}
+	mod := "github.com/prometheus-operator/prometheus-operator@" + operatorVersion
+	cmd := exec.Command(goBin, "mod", "download", "-json", mod)
+	cmd.Dir = t.TempDir() // outside Shunt's module: its go.mod does not list it
+	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod")
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("go mod download %s: %v %s", mod, err, out)
+	}
+	var dl struct{ Dir, Error string }
+	if err := json.Unmarshal(out, &dl); err != nil || dl.Dir == "" {
+		t.Fatalf("go mod download %s: %v %s %s", mod, err, dl.Error, out)
+	}
+	var crds []map[string]any
+	for _, plural := range []string{"servicemonitors", "prometheusrules"} {
+		b, err := os.ReadFile(filepath.Join(dl.Dir, "example", "prometheus-operator-crd", "monitoring.coreos.com_"+plural+".yaml"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var c map[string]any
+		if err := yaml.Unmarshal(b, &c); err != nil {
+			t.Fatalf("%s CRD: %v", plural, err)
+		}
+		crds = append(crds, c)
+	}
+	return crds
 }
 
 // The chart installs into a real kube-apiserver (which validates and admits
@@ -410,7 +437,7 @@ func TestChartInstall(t *testing.T) {
 	kc := cp.Admin()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	for _, c := range []map[string]any{crd("servicemonitors", "ServiceMonitor"), crd("prometheusrules", "PrometheusRule")} {
+	for _, c := range operatorCRDs(t) {
 		if err := kc.Do(ctx, "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", c, nil, ""); err != nil {
 			t.Fatal(err)
 		}
@@ -455,6 +482,14 @@ func TestChartInstall(t *testing.T) {
 	monitoring := []string{"--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.prometheusRule.enabled=true", "--set", "metrics.grafanaDashboard.enabled=true"}
 
 	helm(append([]string{"install", "shunt", ChartDir, "--create-namespace"}, monitoring...)...)
+	// The schemas are enforced: a ServiceMonitor the operator would not
+	// understand is refused (a schemaless CRD would take it).
+	bad := map[string]any{"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+		"metadata": map[string]any{"name": "bad"},
+		"spec": map[string]any{"selector": map[string]any{}, "endpoints": []any{map[string]any{"port": "metrics", "interval": "thirty seconds"}}}}
+	if err := kc.Do(ctx, "POST", "/apis/monitoring.coreos.com/v1"+ns+"/servicemonitors", bad, nil, ""); err == nil || !strings.Contains(err.Error(), "interval") {
+		t.Errorf("a ServiceMonitor with interval %q: %v, want refused by the CRD's schema", "thirty seconds", err)
+	}
 	for _, p := range objects {
 		if err := get(p, nil); err != nil {
 			t.Errorf("after install: %v", err)
