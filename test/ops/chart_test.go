@@ -486,7 +486,7 @@ func TestChartInstall(t *testing.T) {
 	// understand is refused (a schemaless CRD would take it).
 	bad := map[string]any{"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
 		"metadata": map[string]any{"name": "bad"},
-		"spec": map[string]any{"selector": map[string]any{}, "endpoints": []any{map[string]any{"port": "metrics", "interval": "thirty seconds"}}}}
+		"spec":     map[string]any{"selector": map[string]any{}, "endpoints": []any{map[string]any{"port": "metrics", "interval": "thirty seconds"}}}}
 	if err := kc.Do(ctx, "POST", "/apis/monitoring.coreos.com/v1"+ns+"/servicemonitors", bad, nil, ""); err == nil || !strings.Contains(err.Error(), "interval") {
 		t.Errorf("a ServiceMonitor with interval %q: %v, want refused by the CRD's schema", "thirty seconds", err)
 	}
