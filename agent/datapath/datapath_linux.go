@@ -73,6 +73,18 @@ var attachments = map[string]ebpf.AttachType{
 	bpf.SockmeshProgShuntSkMsg:        ebpf.AttachSkMsgVerdict, // to the sock_hash map, not the cgroup
 }
 
+// CgroupAttachTypes lists the cgroup hooks sockmesh attaches to, in attach
+// order (sk_msg, attached to the sockhash, is not one of them).
+func CgroupAttachTypes() []ebpf.AttachType {
+	var out []ebpf.AttachType
+	for _, name := range attachOrder {
+		if at := attachments[name]; at != ebpf.AttachSkMsgVerdict {
+			out = append(out, at)
+		}
+	}
+	return out
+}
+
 // attachOrder: sk_msg is attached to the sockhash before sockops can put
 // sockets in it (a socket inserted first would never be redirected).
 var attachOrder = []string{

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -401,7 +400,7 @@ func TestShuntdKubeconfig(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "shunt.yaml"), []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	port, err := freePort()
+	port, err := harness.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -453,15 +452,6 @@ func TestShuntdKubeconfig(t *testing.T) {
 		}
 		return ""
 	})
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // A Service the agent refuses (its frontend belongs to a service of the

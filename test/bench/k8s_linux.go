@@ -10,7 +10,6 @@ import (
 	"maps"
 	"math"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -30,6 +29,7 @@ import (
 	"github.com/shuntmesh/shunt/agent/datapath"
 	"github.com/shuntmesh/shunt/bpf"
 	"github.com/shuntmesh/shunt/mesh"
+	"github.com/shuntmesh/shunt/test/harness"
 	"github.com/shuntmesh/shunt/test/kube"
 )
 
@@ -307,7 +307,7 @@ func (r *k8sRun) createService(ctx context.Context, i int) error {
 }
 
 func (r *k8sRun) writeConfig() error {
-	port, err := freeTCPPort()
+	port, err := harness.FreePort()
 	if err != nil {
 		return err
 	}
@@ -328,15 +328,6 @@ kubernetes:
 `, r.e.bpffs, r.cgroup, max(datapath.DefaultMaxServices, 2*r.opts.Services), max(datapath.DefaultMaxSlots, 2*r.opts.Services*r.opts.Endpoints),
 		r.cp.AdminKubeconfig, r.cgroup)
 	return os.WriteFile(r.cfgPath, []byte(cfg), 0o600)
-}
-
-func freeTCPPort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // startAgent starts shuntd and returns the time until its Kubernetes source

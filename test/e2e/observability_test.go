@@ -623,7 +623,7 @@ func startObsAgent(t *testing.T, env *harness.Env, name, config string) *obsAgen
 	t.Helper()
 	shuntd, shuntctl := harness.AgentBinaries(t)
 	dir := t.TempDir()
-	port, err := ops.FreePort()
+	port, err := harness.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}

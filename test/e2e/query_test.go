@@ -3,8 +3,9 @@ package e2e
 import (
 	"os"
 
-	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+
+	"github.com/shuntmesh/shunt/agent/datapath"
 )
 
 // attachedPrograms counts the programs attached directly to a cgroup on any
@@ -16,12 +17,7 @@ func attachedPrograms(cgroup string) (int, error) {
 	}
 	defer f.Close()
 	n := 0
-	for _, at := range []ebpf.AttachType{
-		ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect,
-		ebpf.AttachCGroupUDP4Sendmsg, ebpf.AttachCGroupUDP6Sendmsg,
-		ebpf.AttachCGroupUDP4Recvmsg, ebpf.AttachCGroupUDP6Recvmsg,
-		ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInet6GetPeername,
-	} {
+	for _, at := range datapath.CgroupAttachTypes() {
 		r, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: at})
 		if err != nil {
 			return 0, err

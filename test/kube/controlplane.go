@@ -42,6 +42,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/shuntmesh/shunt/test/harness"
 )
 
 // Options change how the control plane runs.
@@ -145,15 +147,6 @@ func Binary(t testing.TB, name string) string {
 	return p
 }
 
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
 // Start runs etcd and kube-apiserver for a test and waits until the API
 // server is ready. Both are killed by PID in t.Cleanup and their files
 // removed. A missing binary fails the test.
@@ -216,9 +209,9 @@ func Launch(opts Options) (*ControlPlane, error) {
 	if err := cp.makeCerts(); err != nil {
 		return cp, fmt.Errorf("certificates: %w", err)
 	}
-	clientPort, err1 := freePort()
-	peerPort, err2 := freePort()
-	cp.port, err = freePort()
+	clientPort, err1 := harness.FreePort()
+	peerPort, err2 := harness.FreePort()
+	cp.port, err = harness.FreePort()
 	if err := errors.Join(err1, err2, err); err != nil {
 		return cp, fmt.Errorf("no free port: %w", err)
 	}

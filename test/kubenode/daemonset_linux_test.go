@@ -46,13 +46,7 @@ const (
 )
 
 // The cgroup hooks sockmesh attaches (sk_msg attaches to its sockhash).
-var cgroupHooks = []ebpf.AttachType{
-	ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect,
-	ebpf.AttachCGroupUDP4Sendmsg, ebpf.AttachCGroupUDP6Sendmsg,
-	ebpf.AttachCGroupUDP4Recvmsg, ebpf.AttachCGroupUDP6Recvmsg,
-	ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInet6GetPeername,
-	ebpf.AttachCGroupGetsockopt, ebpf.AttachCGroupSockOps,
-}
+var cgroupHooks = datapath.CgroupAttachTypes()
 
 // TestDaemonSetOnRealNode installs the Helm chart on a real node: a real
 // control plane with kube-controller-manager (DaemonSet, garbage collector,

@@ -26,6 +26,7 @@ import (
 	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 
+	"github.com/shuntmesh/shunt/test/harness"
 	"github.com/shuntmesh/shunt/test/kube"
 )
 
@@ -618,7 +619,7 @@ func (n *Node) startKubelet(bin string) error {
 	if err != nil {
 		return err
 	}
-	port, err := freePort()
+	port, err := harness.FreePortOn(NodeIP.String())
 	if err != nil {
 		return err
 	}
@@ -682,15 +683,6 @@ serializeImagePulls: false
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", net.JoinHostPort(NodeIP.String(), "0"))
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // ---- cleanup ----

@@ -15,13 +15,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"sigs.k8s.io/yaml"
 
 	"github.com/shuntmesh/shunt/agent"
+	"github.com/shuntmesh/shunt/agent/datapath"
 	"github.com/shuntmesh/shunt/test/harness"
 	"github.com/shuntmesh/shunt/test/kube"
 )
@@ -250,7 +250,7 @@ func startChartAgent(t *testing.T, r *rendering, env *harness.Env, o chartAgentO
 	if a.root == "" {
 		a.root = filepath.Join(env.BPFFSPath(), fmt.Sprintf("agent%d", agentRuns))
 	}
-	mport, err := FreePort()
+	mport, err := harness.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -381,7 +381,7 @@ func attachedPrograms(t *testing.T, cgroup string) int {
 	}
 	defer f.Close()
 	n := 0
-	for _, at := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt} {
+	for _, at := range datapath.CgroupAttachTypes() {
 		r, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: at})
 		if err != nil {
 			t.Fatal(err)

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -18,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/shuntmesh/shunt/test/harness"
 )
 
 // Binary returns the path of a command the operations tests need (Debian
@@ -78,7 +79,7 @@ func StartPrometheus(t testing.TB, jobs []ScrapeJob, ruleFiles ...string) *Prome
 	if err := os.WriteFile(cfgPath, []byte(cfg.String()), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	port, err := FreePort()
+	port, err := harness.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,16 +144,6 @@ func (p *Prometheus) Stop() {
 func (p *Prometheus) Log() string {
 	b, _ := os.ReadFile(filepath.Join(p.dir, "prometheus.log"))
 	return string(b)
-}
-
-// FreePort returns a free TCP port on 127.0.0.1.
-func FreePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // Sample is one series of a query result: its labels and its values
