@@ -1245,6 +1245,24 @@ static __always_inline int revnat4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* revnat_addr6 sets the address of a revnat key's backend from an IPv6
+ * socket's peer: a v4-mapped address is keyed as the IPv4 one, as connect6
+ * stored it. Returns whether it was mapped. */
+static __always_inline int revnat_addr6(struct shunt_addr *b, __u32 *ip)
+{
+	if (is_v4mapped(ip)) {
+		b->family = SHUNT_AF_INET;
+		b->ip[0] = ip[3];
+		return 1;
+	}
+	b->family = SHUNT_AF_INET6;
+	b->ip[0] = ip[0];
+	b->ip[1] = ip[1];
+	b->ip[2] = ip[2];
+	b->ip[3] = ip[3];
+	return 0;
+}
+
 static __always_inline int revnat6(struct bpf_sock_addr *ctx)
 {
 	struct revnat_key rk = {};
@@ -1259,18 +1277,8 @@ static __always_inline int revnat6(struct bpf_sock_addr *ctx)
 	ip[1] = ctx->user_ip6[1];
 	ip[2] = ctx->user_ip6[2];
 	ip[3] = ctx->user_ip6[3];
-	mapped = is_v4mapped(ip);
 	rk.cookie = bpf_get_socket_cookie(ctx);
-	if (mapped) {
-		rk.backend.family = SHUNT_AF_INET;
-		rk.backend.ip[0] = ip[3];
-	} else {
-		rk.backend.family = SHUNT_AF_INET6;
-		rk.backend.ip[0] = ip[0];
-		rk.backend.ip[1] = ip[1];
-		rk.backend.ip[2] = ip[2];
-		rk.backend.ip[3] = ip[3];
-	}
+	mapped = revnat_addr6(&rk.backend, ip);
 	rk.backend.port = (__u16)ctx->user_port;
 	front = bpf_map_lookup_elem(&revnat, &rk);
 	if (!front || front->family != rk.backend.family)
@@ -1340,16 +1348,7 @@ int shunt_sock_release(struct bpf_sock *sk)
 		ip[1] = sk->dst_ip6[1];
 		ip[2] = sk->dst_ip6[2];
 		ip[3] = sk->dst_ip6[3];
-		if (is_v4mapped(ip)) {
-			rk.backend.family = SHUNT_AF_INET;
-			rk.backend.ip[0] = ip[3];
-		} else {
-			rk.backend.family = SHUNT_AF_INET6;
-			rk.backend.ip[0] = ip[0];
-			rk.backend.ip[1] = ip[1];
-			rk.backend.ip[2] = ip[2];
-			rk.backend.ip[3] = ip[3];
-		}
+		revnat_addr6(&rk.backend, ip);
 	} else {
 		return 1;
 	}
