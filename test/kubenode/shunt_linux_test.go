@@ -295,9 +295,22 @@ func (cl *cluster) testSocketLB(t *testing.T) {
 		t.Fatal(err)
 	}
 	vip := netip.AddrPortFrom(netip.MustParseAddr(svc.Spec.ClusterIP), 80)
-	cl.eventually("service in the map", func() string {
-		if got, want := cl.slots(vip), endpoints(8080, bes...); got != want {
-			return fmt.Sprintf("slots %s, want %s", got, want)
+	// The same backends behind a NodePort: its frontend is the node's
+	// address (the Node's InternalIP, which the agent reads).
+	svcNP := webService(ns)
+	svcNP.Name, svcNP.Spec.Type = "web-np", corev1.ServiceTypeNodePort
+	if err := cl.c.Create(c, svcNP); err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.n.EndpointSlice(c, svcNP, bes...); err != nil {
+		t.Fatal(err)
+	}
+	nodePort := netip.AddrPortFrom(kubenode.NodeIP, uint16(svcNP.Spec.Ports[0].NodePort))
+	cl.eventually("services in the map", func() string {
+		for _, fe := range []netip.AddrPort{vip, nodePort} {
+			if got, want := cl.slots(fe), endpoints(8080, bes...); got != want {
+				return fmt.Sprintf("%s: slots %s, want %s", fe, got, want)
+			}
 		}
 		return ""
 	})
@@ -310,6 +323,9 @@ func (cl *cluster) testSocketLB(t *testing.T) {
 	}
 	if got := cl.counter("bypass_netns") - bypass; got != 5 {
 		t.Errorf("bypass_netns grew by %d, want 5 (Shunt saw the connections and left them)", got)
+	}
+	if r := cl.connect(client, nodePort.String(), 3); r.OK != 0 || r.Errors["ECONNREFUSED"] != 3 {
+		t.Fatalf("NodePort %s before the label: %+v, want ECONNREFUSED (nothing listens there without Shunt)", nodePort, r)
 	}
 
 	// Label: Shunt balances the pod's connections over the three backends.
@@ -327,6 +343,14 @@ func (cl *cluster) testSocketLB(t *testing.T) {
 	}
 	if got := cl.counter("revnat_hit") - revnat; got < 60 {
 		t.Errorf("revnat_hit grew by %d, want ≥ 60 (getpeername answered with the VIP by Shunt)", got)
+	}
+	// The NodePort too.
+	r = cl.connect(client, nodePort.String(), 30)
+	if d := answeredBy(r, 30, "be0", "be1", "be2"); d != "" {
+		t.Errorf("NodePort %s from the pod: %s", nodePort, d)
+	}
+	if len(r.Peers) != 1 || r.Peers[nodePort.String()] != 30 {
+		t.Errorf("the app saw peers %v, want the NodePort %s", r.Peers, nodePort)
 	}
 
 	// The pod Shunt enrolled is this pod: same network namespace cookie as
