@@ -645,7 +645,69 @@ func (cl *cluster) testSidecar(t *testing.T) {
 	if got := final.Counters["steer_skip"] - after.Counters["steer_skip"]; got < 3 {
 		t.Errorf("excluded port: steer_skip grew by %d, want ≥ 3", got)
 	}
-	if s, _ := cl.sidecarStats(pod, seen); s.OutboundAccepted != stats.OutboundAccepted {
+	s, seen := cl.sidecarStats(pod, seen)
+	if s.OutboundAccepted != stats.OutboundAccepted {
 		t.Errorf("excluded port: the sidecar accepted %d more", s.OutboundAccepted-stats.OutboundAccepted)
+	}
+
+	// Same-node sidecar to sidecar: a second Istio-style pod serves a
+	// Service. The client's proxy connects to that VIP; Shunt balances it
+	// to the server pod and steers it to that pod's inbound listener
+	// (15006), whose proxy learns the pod address as the original
+	// destination and hands the connection to its app. The first request
+	// succeeds (no learning round).
+	srvProxy := kubenode.AppContainer("istio-proxy", "sidecar", "--outbound", "127.0.0.1:15001", "--inbound", "0.0.0.0:15006", "--log-conns")
+	srvProxy.SecurityContext = proxy.SecurityContext
+	srvApp := kubenode.AppContainer("app", "serve", "--id", "$(POD_NAME)", "--listen", "0.0.0.0:8080")
+	srv := cl.n.NewPod(ns, "meshy-server", map[string]string{"app": "meshy-server"}, srvApp, srvProxy)
+	srv.Annotations = map[string]string{k8s.IstioStatus: `{"initContainers":["istio-init"],"containers":["istio-proxy"]}`}
+	srv = cl.runPod(srv)
+	cl.eventually("server sidecar listening", func() string {
+		if logs, err := cl.n.Logs(srv, "istio-proxy"); err != nil || !strings.Contains(logs, "READY\n") {
+			return fmt.Sprintf("log %q %v", logs, err)
+		}
+		return ""
+	})
+	meshSvc := webService(ns)
+	meshSvc.Name = "meshy-server"
+	if err := cl.c.Create(c, meshSvc); err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.n.EndpointSlice(c, meshSvc, srv); err != nil {
+		t.Fatal(err)
+	}
+	meshVIP := netip.AddrPortFrom(netip.MustParseAddr(meshSvc.Spec.ClusterIP), 80)
+	cl.eventually("server pod enrolled with its sidecar, service in the map", func() string {
+		if st, ok := cl.enrolled(ns + "/meshy-server"); !ok || st.Sidecar == nil {
+			return fmt.Sprintf("status %+v", st)
+		}
+		if got, want := cl.slots(meshVIP), endpoints(8080, srv); got != want {
+			return fmt.Sprintf("slots %s, want %s", got, want)
+		}
+		return ""
+	})
+	before, _ = cl.enrolled(ns + "/meshy")
+	_, srvSeen := cl.sidecarStats(srv, 0)
+	srvBefore, srvSeen := cl.sidecarStats(srv, srvSeen)
+	r = cl.connect(pod, meshVIP.String(), 10)
+	if d := answeredBy(r, 10, "meshy-server"); d != "" || r.Peers[meshVIP.String()] != 10 {
+		t.Fatalf("app -> sidecar -> server's sidecar -> server: %s, peers %v", d, r.Peers)
+	}
+	after, _ = cl.enrolled(ns + "/meshy")
+	for k, want := range map[string]uint64{"steer_outbound": 10, "steer_inbound": 10} {
+		if got := after.Counters[k] - before.Counters[k]; got != want {
+			t.Errorf("client pod counter %s grew by %d, want %d", k, got, want)
+		}
+	}
+	srvStats, _ := cl.sidecarStats(srv, srvSeen)
+	if got := srvStats.InboundAccepted - srvBefore.InboundAccepted; got != 10 || srvStats.OrigDstFailed != 0 || srvStats.Loops != 0 {
+		t.Errorf("server sidecar: %d inbound connections (want 10), %d without original destination, %d loops", got, srvStats.OrigDstFailed, srvStats.Loops)
+	}
+	srvLogs, err := cl.n.Logs(srv, "istio-proxy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "CONN inbound " + srv.Status.PodIP + ":8080\n"; strings.Count(srvLogs, want) != 10 {
+		t.Errorf("the server's sidecar learned %q %d times, want 10; log:\n%s", want, strings.Count(srvLogs, want), srvLogs)
 	}
 }
