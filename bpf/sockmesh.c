@@ -357,6 +357,17 @@ static __always_inline void revnat_store(__u64 cookie, struct shunt_addr *backen
 		stat_inc(STAT_REVNAT_FAIL);
 }
 
+/* revnat_forget deletes the entry revnat_store wrote for backend (none: a
+ * miss, harmless). */
+static __always_inline void revnat_forget(__u64 cookie, struct shunt_addr *backend)
+{
+	struct revnat_key rk = {};
+
+	rk.cookie = cookie;
+	rk.backend = *backend;
+	bpf_map_delete_elem(&revnat, &rk);
+}
+
 static __always_inline __u8 sock_proto(struct bpf_sock_addr *ctx)
 {
 	if (ctx->type == 2 /* SOCK_DGRAM */)
@@ -637,6 +648,7 @@ int shunt_connect4(struct bpf_sock_addr *ctx)
 		return 1;
 	front = dst; /* what getpeername shows: the VIP if translated */
 	steer_record(cookie, &now);
+	revnat_forget(cookie, &now); /* the socket LB's entry: the peer is the inbound port now */
 	now.port = bpf_htons(in);
 	revnat_store(cookie, &now, &front);
 	ctx->user_port = now.port;
@@ -721,6 +733,7 @@ int shunt_connect6(struct bpf_sock_addr *ctx)
 		return 1;
 	front = dst;
 	steer_record(cookie, &now);
+	revnat_forget(cookie, &now); /* the socket LB's entry: the peer is the inbound port now */
 	now.port = bpf_htons(in);
 	revnat_store(cookie, &now, &front);
 	ctx->user_port = now.port;
@@ -1331,9 +1344,10 @@ int shunt_sock_release(struct bpf_sock *sk)
 	struct revnat_key rk = {};
 	__u32 ip[4];
 
-	if (sk->protocol == IPPROTO_TCP)
+	/* by socket type, as sock_proto keyed it when the entry was written */
+	if (sk->type == 1 /* SOCK_STREAM */)
 		rk.backend.proto = IPPROTO_TCP;
-	else if (sk->protocol == IPPROTO_UDP)
+	else if (sk->type == 2 /* SOCK_DGRAM */)
 		rk.backend.proto = IPPROTO_UDP;
 	else
 		return 1;
@@ -1352,7 +1366,6 @@ int shunt_sock_release(struct bpf_sock *sk)
 	} else {
 		return 1;
 	}
-	rk.cookie = bpf_get_socket_cookie(sk);
-	bpf_map_delete_elem(&revnat, &rk);
+	revnat_forget(bpf_get_socket_cookie(sk), &rk.backend);
 	return 1;
 }

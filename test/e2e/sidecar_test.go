@@ -188,6 +188,20 @@ func TestSidecarToSidecarSameNode(t *testing.T) {
 	if got := podStatus(t, a, "front/client").Counters["sock_insert"]; got != before {
 		t.Errorf("auto put an app socket in the sockhash (%d -> %d inserts)", before, got)
 	}
+
+	// Through a Service: the sidecar's connection to the VIP is balanced to
+	// the server pod, then steered to its inbound port; the app sees the
+	// VIP, the server's sidecar the pod address. Once every connection of
+	// this test is closed, no reverse-NAT entry is left (neither the
+	// socket LB's, replaced by the steering's, nor the steering's).
+	a.ctl("service", "update", "--frontend", "10.96.0.50:80", "--protocol", "tcp", "--backends", server.IPv4().String()+":8080")
+	orig, peer := askOK(t, client, sidecarUser, "10.96.0.50:80", 64<<10)
+	if orig != server.IPv4().String()+":8080" || peer != "10.96.0.50:80" {
+		t.Errorf("through the VIP: server sidecar learned %s (want %s:8080), the client saw %s (want the VIP)", orig, server.IPv4(), peer)
+	}
+	if n := a.metric(`shunt_map_entries{map="revnat"}`); n != "0" {
+		t.Errorf("revnat holds %s entries after every connection closed, want 0", n)
+	}
 }
 
 // sockmap off: steering still works, nothing is accelerated; on: the app's
