@@ -1341,31 +1341,31 @@ int shunt_getpeername6(struct bpf_sock_addr *ctx)
 SEC("cgroup/sock_release")
 int shunt_sock_release(struct bpf_sock *sk)
 {
-	struct revnat_key rk = {};
+	struct shunt_addr peer = {};
 	__u32 ip[4];
 
 	/* by socket type, as sock_proto keyed it when the entry was written */
 	if (sk->type == 1 /* SOCK_STREAM */)
-		rk.backend.proto = IPPROTO_TCP;
+		peer.proto = IPPROTO_TCP;
 	else if (sk->type == 2 /* SOCK_DGRAM */)
-		rk.backend.proto = IPPROTO_UDP;
+		peer.proto = IPPROTO_UDP;
 	else
 		return 1;
-	rk.backend.port = (__u16)sk->dst_port;
-	if (!rk.backend.port)
+	peer.port = (__u16)sk->dst_port;
+	if (!peer.port)
 		return 1; /* never connected */
 	if (sk->family == SHUNT_AF_INET) {
-		rk.backend.family = SHUNT_AF_INET;
-		rk.backend.ip[0] = sk->dst_ip4;
+		peer.family = SHUNT_AF_INET;
+		peer.ip[0] = sk->dst_ip4;
 	} else if (sk->family == SHUNT_AF_INET6) {
 		ip[0] = sk->dst_ip6[0];
 		ip[1] = sk->dst_ip6[1];
 		ip[2] = sk->dst_ip6[2];
 		ip[3] = sk->dst_ip6[3];
-		revnat_addr6(&rk.backend, ip);
+		revnat_addr6(&peer, ip);
 	} else {
 		return 1;
 	}
-	revnat_forget(bpf_get_socket_cookie(sk), &rk.backend);
+	revnat_forget(bpf_get_socket_cookie(sk), &peer);
 	return 1;
 }
