@@ -1085,6 +1085,14 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, struct xlb
 		if (snat_claim(p, ct, cfg, ct->hash))
 			return verdict(XLB_DROP_NO_SNAT_PORT, XDP_DROP);
 	}
+	/* Before the entry is made: a first packet answered "too big" starts
+	 * no flow (the client's smaller resend does, and is counted). */
+	if (ct->action != XLB_ACT_SNAT) {
+		int big = too_big(ctx, p, cfg, ct);
+
+		if (big != LB_CONTINUE)
+			return big;
+	}
 	if (rst) {
 		if (hit) {
 			ct_delete(&p->flow, &p->key4);
@@ -1092,12 +1100,6 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, struct xlb
 		}
 	} else if (fresh) {
 		ct_update(&p->flow, &p->key4, ct);
-	}
-	if (ct->action != XLB_ACT_SNAT) {
-		int big = too_big(ctx, p, cfg, ct);
-
-		if (big != LB_CONTINUE)
-			return big;
 	}
 	svc_count(ct->svc_id, p->frame_len, fresh);
 	be_count(ct->be_id, p->frame_len, fresh);
