@@ -404,6 +404,7 @@ func (a *Agent) applyDelta(src string, in Delta) (Delta, error) {
 	upPods := make(map[uint64]datapath.Pod, len(newPods))
 	taken := map[uint32]bool{}
 	var pinned map[uint64]datapath.PodInfo // read once, when a pod needs an id
+	var held map[uint32]bool               // the ids of pinned
 	for _, pe := range newPods {
 		if pe.id != 0 {
 			upPods[pe.cookie] = pe.datapathPod()
@@ -414,13 +415,17 @@ func (a *Agent) applyDelta(src string, in Delta) (Delta, error) {
 				a.repairAfter()
 				return d, fmt.Errorf("read pods: %w", err)
 			}
+			held = make(map[uint32]bool, len(pinned))
+			for _, p := range pinned {
+				held[p.Id] = true
+			}
 		}
 		// A pod the datapath already has (an earlier agent's, adopted)
 		// keeps its id and so its counters.
 		if old := pinned[pe.cookie].Id; old != 0 && !ds.podIDs[old] && !taken[old] {
 			pe.id, taken[old] = old, true
 		} else {
-			pe.id = ds.allocPodID(taken, pinned)
+			pe.id = ds.allocPodID(taken, held)
 			if err := a.dp.ResetPodCounters(pe.id); err != nil {
 				a.repairAfter()
 				return d, err
@@ -507,13 +512,9 @@ func countNew(pods []mesh.Pod, cur map[string]*podEntry) int {
 }
 
 // allocPodID returns the lowest pod id that is neither in use, nor in taken,
-// nor held by a pod entry in the datapath (pinned: an adopted pod that may
-// come back and keep it), and adds it to taken.
-func (ds *desired) allocPodID(taken map[uint32]bool, pinned map[uint64]datapath.PodInfo) uint32 {
-	held := make(map[uint32]bool, len(pinned))
-	for _, p := range pinned {
-		held[p.Id] = true
-	}
+// nor held by a pod entry in the datapath (an adopted pod that may come back
+// and keep it), and adds it to taken.
+func (ds *desired) allocPodID(taken, held map[uint32]bool) uint32 {
 	for id := uint32(1); ; id++ {
 		if !ds.podIDs[id] && !taken[id] && !held[id] {
 			taken[id] = true
