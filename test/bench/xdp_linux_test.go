@@ -15,7 +15,12 @@ import (
 // forwarding all of its own by IPIP. Nothing about timing is asserted.
 func TestXDPBenchQuick(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Fatal("needs root (network namespaces, eBPF)")
+		// As every privileged test here: skipped without root, except in
+		// CI, where it must run.
+		if os.Getenv("CI") != "" {
+			t.Fatal("needs root (network namespaces, eBPF)")
+		}
+		t.Skip("needs root (network namespaces, eBPF)")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
@@ -30,9 +35,13 @@ func TestXDPBenchQuick(t *testing.T) {
 			t.Errorf("%s: %v, want %d positive values", key, xs, o.Reps)
 		}
 	}
-	for name, n := range res.FullAfter {
-		if n < res.FullBefore[name]*9/10 {
-			t.Errorf("full conntrack %s held %d entries before the runs and %d after: not full", name, res.FullBefore[name], n)
+	// Full before the runs (a per-CPU LRU filled from one CPU holds that
+	// CPU's share), and still full after them.
+	for name, full := range map[string]int{ppEvict: res.PerCPUCapacity, ppCTEvict: res.PerCPUCapacity, ppEvictShared: res.Capacity} {
+		before, ok := res.FullBefore[name]
+		after, ok2 := res.FullAfter[name]
+		if !ok || !ok2 || before < full*9/10 || after < before*9/10 {
+			t.Errorf("full conntrack %s: %d entries before the runs, %d after (%v %v), want both near %d", name, before, after, ok, ok2, full)
 		}
 	}
 	v := res.Veth

@@ -25,7 +25,8 @@ import (
 // binaries may still race for one, rarely).
 func FreePort() (int, error) { return FreePortOn("127.0.0.1") }
 
-// FreePortOn is FreePort for a server on another local address.
+// FreePortOn is FreePort for a server on another local address ("": on
+// every address).
 func FreePortOn(addr string) (int, error) {
 	lo, hi, err := portWindow()
 	if err != nil {

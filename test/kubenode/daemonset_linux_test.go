@@ -129,7 +129,8 @@ func testDaemonSet(t *testing.T) {
 	d.state = filepath.Join(n.Dir(), "shunt-state")
 	d.podsCg = n.PodsCgroup()
 	roots := []string{inPod(n.CgroupV2Path())} // the kubelet's cgroupRoot
-	if d.mport, err = freeTCPPort(); err != nil {
+	// The agent's metrics listen on every address (host network).
+	if d.mport, err = harness.FreePortOn(""); err != nil {
 		t.Fatal(err)
 	}
 	vals := map[string]any{
@@ -707,7 +708,10 @@ func (d *dsTest) checkAttachment(t *testing.T) kernelObjects {
 			if err != nil {
 				return err
 			}
-			id, _ := info.ID()
+			id, ok := info.ID()
+			if !ok {
+				return fmt.Errorf("map %s: the kernel reports no id", p)
+			}
 			o.maps[id] = true
 			return nil
 		}
@@ -747,7 +751,10 @@ func (d *dsTest) checkAttachment(t *testing.T) kernelObjects {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ids, _ := info.MapIDs()
+		ids, ok := info.MapIDs()
+		if !ok {
+			t.Fatalf("program %d: the kernel reports no map ids", id)
+		}
 		for _, m := range ids {
 			o.maps[m] = true
 		}
@@ -822,17 +829,6 @@ func cgroupInode(path string) (uint64, error) {
 		return 0, err
 	}
 	return st.Ino, nil
-}
-
-// freeTCPPort returns a port free on every address of the node (the agent's
-// metrics listen there, host network).
-func freeTCPPort() (int, error) {
-	l, err := net.Listen("tcp", ":0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // dirNames lists a folder's entries.
