@@ -87,7 +87,7 @@ type DsrXlbFragKey struct {
 type DsrXlbLayout uint32
 
 const (
-	DsrXlbLayoutXLB_LAYOUT_VERSION DsrXlbLayout = 3
+	DsrXlbLayoutXLB_LAYOUT_VERSION DsrXlbLayout = 4
 )
 
 type DsrXlbMeta struct {

@@ -16,7 +16,7 @@ const LayoutVersion = uint32(SockmeshShuntLayoutSHUNT_LAYOUT_VERSION)
 // xdplb (XDP load balancer) and dsr (its backend side, tc) share
 // lib/xdplb.h. Enums are generated from the `__unused_*` constants in the C
 // files (bpf2go refuses a -type that is generated anyway).
-//go:generate go tool bpf2go -cc clang-19 -strip llvm-strip-19 -target bpfel -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -type xlb_vip -type xlb_service -type xlb_backend -type xlb_flow -type xlb_flow4 -type xlb_ct -type xlb_snat_key -type xlb_snat -type xlb_config -type xlb_meta -type xlb_svc_stats -type xlb_backend_stats -type xlb_frag_key -type xlb_frag Xdplb xdplb.c
+//go:generate go tool bpf2go -cc clang-19 -strip llvm-strip-19 -target bpfel -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -type xlb_vip -type xlb_service -type xlb_backend -type xlb_ct_tail -type xlb_ct_way4 -type xlb_ct_way6 -type xlb_ct_set4 -type xlb_ct_set6 -type xlb_snat_key -type xlb_snat -type xlb_config -type xlb_meta -type xlb_svc_stats -type xlb_backend_stats -type xlb_frag_key -type xlb_frag Xdplb xdplb.c
 
 //go:generate go tool bpf2go -cc clang-19 -strip llvm-strip-19 -target bpfel -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -type dsr_svc_key -type dsr_local -type dsr_orig -type xlb_flow -type xlb_vip -type xlb_meta -type xlb_frag_key -type xlb_frag Dsr dsr.c
 

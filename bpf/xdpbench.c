@@ -18,8 +18,9 @@
  * bench_target). bench_grow is the empty program that grows the frame as
  * IPIP does, to measure what putting a grown frame back costs the replay.
  * bench_ct_flow is the conntrack alone: the lookup and, on a miss, the
- * insert xdplb does for an IPv4 flow, in bench_ct, a map of the same layout
- * and kind as lb_ct4 (sized and flagged like it by the benchmark).
+ * insert xdplb does for an IPv4 flow, in bench_ct, a table of lb_ct4's
+ * layout and size; bench_lru_flow the same with the kernel's LRU hash, the
+ * conntrack xdplb had before (map layout 3), for comparison.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -30,6 +31,8 @@
 #include <bpf/bpf_endian.h>
 
 #include "lib/xdplb.h"
+#include "lib/flowhash.h"
+#include "lib/ct.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -165,15 +168,39 @@ int bench_grow(struct xdp_md *ctx)
 	return XDP_TX;
 }
 
+/* bench_ct: the conntrack table alone (lib/ct.h, the code xdplb runs), in
+ * a table of lb_ct4's layout and size (set by the benchmark, with
+ * bench_ct_sets); bench_lru: the kernel's LRU hash with lb_ct4's former
+ * key and value (struct xlb_flow4 -> struct xlb_ct; sized and flagged by
+ * the benchmark), the conntrack up to map layout 3. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct xlb_ct_set4);
+	__uint(max_entries, 65536);
+} bench_ct SEC(".maps");
+
+const volatile __u32 bench_ct_sets = 65536;
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct xlb_flow4);
 	__type(value, struct xlb_ct);
 	__uint(max_entries, 262144);
-} bench_ct SEC(".maps");
+} bench_lru SEC(".maps");
 
-/* bench_ct_flow: lb_ct4's lookup, and on a miss its insert, for the
- * IPv4 TCP/UDP packet; bench_count counts the inserts. */
+static __always_inline void count_insert(void)
+{
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&bench_count, &zero);
+
+	if (n)
+		*n += 1;
+}
+
+/* bench_ct_flow: xdplb's conntrack lookup, and on a miss its insert, for
+ * the IPv4 TCP/UDP packet (its hash included: xdplb computes it for every
+ * packet); bench_count counts the inserts. */
 SEC("xdp")
 int bench_ct_flow(struct xdp_md *ctx)
 {
@@ -181,10 +208,52 @@ int bench_ct_flow(struct xdp_md *ctx)
 	void *end = (void *)(long)ctx->data_end;
 	struct iphdr *ip = data + sizeof(struct ethhdr);
 	struct udphdr *uh = (void *)(ip + 1);
+	struct xlb_flow f = {};
+	struct xlb_ct_set4 *s1, *s2;
+	struct xlb_ct_tail t;
+	struct xlb_ct ct = {};
+	__u32 hash, i1, i2;
+	int way;
+
+	if ((void *)(uh + 1) > end)
+		return XDP_ABORTED;
+	f.src[0] = ip->saddr;
+	f.dst[0] = ip->daddr;
+	*(__u32 *)&f.sport = *(__u32 *)uh; /* one store, as xdplb */
+	f.proto = ip->protocol;
+	f.family = XLB_AF_INET;
+	hash = xlb_ct_hash(&f, 0);
+	i1 = hash & (bench_ct_sets - 1);
+	i2 = ct_set2(hash) & (bench_ct_sets - 1);
+	s1 = bpf_map_lookup_elem(&bench_ct, &i1);
+	s2 = bpf_map_lookup_elem(&bench_ct, &i2);
+	if (!s1 || !s2)
+		return XDP_ABORTED;
+	way = ct_find4(s1, s2, &f, hash, &t);
+	if (way >= 0) {
+		ct_touch(way < XLB_CT_WAYS ? &s1->way[way & (XLB_CT_WAYS - 1)].t : &s2->way[way & (XLB_CT_WAYS - 1)].t,
+			 ct_now());
+		return XDP_DROP;
+	}
+	ct.hash = hash;
+	ct.be_id = 1;
+	ct.gen = 1;
+	ct_put4(s1, s2, &f, &ct);
+	count_insert();
+	return XDP_DROP;
+}
+
+/* bench_lru_flow: the same with the kernel's LRU hash (no flow hash: the
+ * kernel hashes the key itself). */
+SEC("xdp")
+int bench_lru_flow(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct iphdr *ip = data + sizeof(struct ethhdr);
+	struct udphdr *uh = (void *)(ip + 1);
 	struct xlb_flow4 k = {};
 	struct xlb_ct ct = {};
-	__u32 zero = 0;
-	__u64 *n;
 
 	if ((void *)(uh + 1) > end)
 		return XDP_ABORTED;
@@ -193,13 +262,11 @@ int bench_ct_flow(struct xdp_md *ctx)
 	k.sport = uh->source;
 	k.dport = uh->dest;
 	k.proto = ip->protocol;
-	if (bpf_map_lookup_elem(&bench_ct, &k))
+	if (bpf_map_lookup_elem(&bench_lru, &k))
 		return XDP_DROP;
 	ct.be.port = uh->dest;
 	ct.be.family = XLB_AF_INET;
-	bpf_map_update_elem(&bench_ct, &k, &ct, BPF_ANY);
-	n = bpf_map_lookup_elem(&bench_count, &zero);
-	if (n)
-		*n += 1;
+	bpf_map_update_elem(&bench_lru, &k, &ct, BPF_ANY);
+	count_insert();
 	return XDP_DROP;
 }

@@ -42,6 +42,7 @@ type XdpbenchXlbCt struct {
 		Port         uint16
 		Family       uint8
 		TunnelFamily uint8
+		Gen          uint32
 	}
 	SvcId    uint32
 	BeId     uint32
@@ -50,6 +51,28 @@ type XdpbenchXlbCt struct {
 	Pad      uint8
 	Hash     uint32
 	Gen      uint32
+}
+
+type XdpbenchXlbCtSet4 struct {
+	_   structs.HostLayout
+	Way [4]struct {
+		_   structs.HostLayout
+		Src uint32
+		Dst uint32
+		T   struct {
+			_        structs.HostLayout
+			Sport    uint16
+			Dport    uint16
+			Proto    uint8
+			Action   uint8
+			SnatPort uint16
+			SvcId    uint16
+			BeId     uint16
+			Gen      uint32
+			Seen     uint32
+			Check    uint32
+		}
+	}
 }
 
 type XdpbenchXlbFlow4 struct {
@@ -69,15 +92,18 @@ const (
 	XdpbenchMapBenchCount       = "bench_count"
 	XdpbenchMapBenchCt          = "bench_ct"
 	XdpbenchMapBenchFrames      = "bench_frames"
+	XdpbenchMapBenchLru         = "bench_lru"
 	XdpbenchMapBenchPos         = "bench_pos"
 	XdpbenchMapBenchTarget      = "bench_target"
 	XdpbenchProgBenchCtFlow     = "bench_ct_flow"
 	XdpbenchProgBenchGrow       = "bench_grow"
+	XdpbenchProgBenchLruFlow    = "bench_lru_flow"
 	XdpbenchProgBenchReflect    = "bench_reflect"
 	XdpbenchProgBenchReplay     = "bench_replay"
 	XdpbenchProgBenchSink       = "bench_sink"
 	XdpbenchProgBenchTx         = "bench_tx"
 	XdpbenchVarUnusedBenchConst = "__unused_bench_const"
+	XdpbenchVarBenchCtSets      = "bench_ct_sets"
 )
 
 // LoadXdpbench returns the embedded CollectionSpec for Xdpbench.
@@ -124,6 +150,7 @@ type XdpbenchSpecs struct {
 type XdpbenchProgramSpecs struct {
 	BenchCtFlow  *ebpf.ProgramSpec `ebpf:"bench_ct_flow"`
 	BenchGrow    *ebpf.ProgramSpec `ebpf:"bench_grow"`
+	BenchLruFlow *ebpf.ProgramSpec `ebpf:"bench_lru_flow"`
 	BenchReflect *ebpf.ProgramSpec `ebpf:"bench_reflect"`
 	BenchReplay  *ebpf.ProgramSpec `ebpf:"bench_replay"`
 	BenchSink    *ebpf.ProgramSpec `ebpf:"bench_sink"`
@@ -137,6 +164,7 @@ type XdpbenchMapSpecs struct {
 	BenchCount  *ebpf.MapSpec `ebpf:"bench_count"`
 	BenchCt     *ebpf.MapSpec `ebpf:"bench_ct"`
 	BenchFrames *ebpf.MapSpec `ebpf:"bench_frames"`
+	BenchLru    *ebpf.MapSpec `ebpf:"bench_lru"`
 	BenchPos    *ebpf.MapSpec `ebpf:"bench_pos"`
 	BenchTarget *ebpf.MapSpec `ebpf:"bench_target"`
 }
@@ -146,6 +174,7 @@ type XdpbenchMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type XdpbenchVariableSpecs struct {
 	UnusedBenchConst *ebpf.VariableSpec `ebpf:"__unused_bench_const"`
+	BenchCtSets      *ebpf.VariableSpec `ebpf:"bench_ct_sets"`
 }
 
 // XdpbenchObjects contains all objects after they have been loaded into the kernel.
@@ -171,6 +200,7 @@ type XdpbenchMaps struct {
 	BenchCount  *ebpf.Map `ebpf:"bench_count"`
 	BenchCt     *ebpf.Map `ebpf:"bench_ct"`
 	BenchFrames *ebpf.Map `ebpf:"bench_frames"`
+	BenchLru    *ebpf.Map `ebpf:"bench_lru"`
 	BenchPos    *ebpf.Map `ebpf:"bench_pos"`
 	BenchTarget *ebpf.Map `ebpf:"bench_target"`
 }
@@ -180,6 +210,7 @@ func (m *XdpbenchMaps) Close() error {
 		m.BenchCount,
 		m.BenchCt,
 		m.BenchFrames,
+		m.BenchLru,
 		m.BenchPos,
 		m.BenchTarget,
 	)
@@ -190,6 +221,7 @@ func (m *XdpbenchMaps) Close() error {
 // It can be passed to LoadXdpbenchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XdpbenchVariables struct {
 	UnusedBenchConst *ebpf.Variable `ebpf:"__unused_bench_const"`
+	BenchCtSets      *ebpf.Variable `ebpf:"bench_ct_sets"`
 }
 
 // XdpbenchPrograms contains all programs after they have been loaded into the kernel.
@@ -198,6 +230,7 @@ type XdpbenchVariables struct {
 type XdpbenchPrograms struct {
 	BenchCtFlow  *ebpf.Program `ebpf:"bench_ct_flow"`
 	BenchGrow    *ebpf.Program `ebpf:"bench_grow"`
+	BenchLruFlow *ebpf.Program `ebpf:"bench_lru_flow"`
 	BenchReflect *ebpf.Program `ebpf:"bench_reflect"`
 	BenchReplay  *ebpf.Program `ebpf:"bench_replay"`
 	BenchSink    *ebpf.Program `ebpf:"bench_sink"`
@@ -208,6 +241,7 @@ func (p *XdpbenchPrograms) Close() error {
 	return _XdpbenchClose(
 		p.BenchCtFlow,
 		p.BenchGrow,
+		p.BenchLruFlow,
 		p.BenchReflect,
 		p.BenchReplay,
 		p.BenchSink,

@@ -10,9 +10,9 @@
  *
  *   - The backend is chosen by Maglev consistent hashing: slot
  *     flow_hash(5-tuple, seed) % M of the service's lookup table, the same
- *     hash and tables as mesh/maglev. An LRU conntrack entry (the backend
- *     copied in) keeps an established flow on its backend whatever happens
- *     to the service's backend set afterwards.
+ *     hash and tables as mesh/maglev. A conntrack entry (lib/ct.h: a
+ *     set-associative table of Shunt's own) keeps an established flow on
+ *     its backend whatever happens to the service's backend set afterwards.
  *   - DSR (the backend answers the client directly): IPIP / IP6IP6 / 4in6 /
  *     6in4 with the inner packet unchanged; Geneve (UDP 6081) with the
  *     inner packet DNATed to the backend and the service in a Geneve
@@ -43,6 +43,7 @@
 
 #include "lib/xdplb.h"
 #include "lib/flowhash.h"
+#include "lib/ct.h"
 #include "lib/csum.h"
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -107,20 +108,20 @@ struct {
 	__uint(max_entries, 65536);
 } lb_backends SEC(".maps");
 
-/* Conntrack, one map per family: an IPv4 flow's key is 16 bytes, an IPv6
- * flow's 40 (the kernel hashes the whole key on every lookup). */
+/* Conntrack, one set-associative table per family (lib/ct.h, design in
+ * lib/xdplb.h): an array of sets, sized by the agent (xlb_config.ct_sets). */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct xlb_flow4);
-	__type(value, struct xlb_ct);
-	__uint(max_entries, 262144);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct xlb_ct_set4);
+	__uint(max_entries, 65536);
 } lb_ct4 SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct xlb_flow);
-	__type(value, struct xlb_ct);
-	__uint(max_entries, 262144);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct xlb_ct_set6);
+	__uint(max_entries, 65536);
 } lb_ct6 SEC(".maps");
 
 struct {
@@ -186,6 +187,10 @@ const enum xlb_family __unused_xlb_family __attribute__((unused));
 const enum xlb_wire __unused_xlb_wire __attribute__((unused));
 const enum xlb_stat_slots __unused_xlb_stat_slots __attribute__((unused));
 const enum xlb_svc_flag __unused_xlb_svc_flag __attribute__((unused));
+const enum xlb_ct_geometry __unused_xlb_ct_geometry __attribute__((unused));
+/* no map holds these: named here for their Go types */
+const struct xlb_ct __unused_xlb_ct __attribute__((unused));
+const struct xlb_flow __unused_xlb_flow __attribute__((unused));
 
 /* linux/icmp.h pulls in libc headers: the few ICMP definitions used here. */
 #define ICMP_DEST_UNREACH_ 3
@@ -218,8 +223,7 @@ struct genevehdr_ {
 
 /* pkt is what parsing learnt about a packet. */
 struct pkt {
-	struct xlb_flow flow; /* client -> VIP, as the lb_ct6 key */
-	struct xlb_flow4 key4; /* IPv4: client -> VIP, as the lb_ct4 key */
+	struct xlb_flow flow; /* client -> VIP */
 	__u32 ports;          /* raw first 4 bytes of L4 (flow hash word 8) */
 	__u32 ip_len;         /* IP datagram length: header + payload */
 	__u32 frame_len;      /* bytes as received, for counters */
@@ -291,47 +295,125 @@ static __always_inline void be_count(__u32 id, __u32 bytes, int new_flow)
 		s->flows++;
 }
 
-/* ct_lookup, ct_update, ct_delete: the conntrack entry of flow f, in the
- * map of its family; k4 is the same flow as the lb_ct4 key. The empty asm
- * keeps clang from merging the two helper calls into one with the map
- * chosen before it: the verifier inlines a lookup only when every path to a
- * call site passes the same map. */
+/* ct_get, ct_set, ct_del: the conntrack entry of flow f (hash: its flow
+ * hash), in the table of its family. The empty asm keeps clang from merging the two map lookups into
+ * one with the map chosen before it: the verifier inlines a lookup only
+ * when every path to a call site passes the same map. */
 #define ct_keep_apart(v) asm volatile("" : "+r"(v))
 
-static __always_inline struct xlb_ct *ct_lookup(const struct xlb_flow *f, const struct xlb_flow4 *k4)
+/* ct_get fills ct from the flow's valid entry and its backend; -1: none.
+ * The caller checks the service generation (ct_live). */
+static __always_inline int ct_get(const struct xlb_config *cfg, const struct xlb_flow *f, __u32 hash, struct xlb_ct *ct)
 {
-	struct xlb_ct *ct;
+	struct xlb_ct_tail t;
+	struct xlb_backend *be;
+	__u32 mask = cfg->ct_sets - 1, i1 = hash & mask, i2 = ct_set2(hash) & mask, be_id;
+	int way;
 
+	if (!cfg->ct_sets)
+		return -1;
 	if (f->family == XLB_AF_INET) {
-		ct = bpf_map_lookup_elem(&lb_ct4, k4);
-		ct_keep_apart(ct);
-		return ct;
+		struct xlb_ct_set4 *s1 = bpf_map_lookup_elem(&lb_ct4, &i1);
+		struct xlb_ct_set4 *s2 = bpf_map_lookup_elem(&lb_ct4, &i2);
+
+		ct_keep_apart(s1);
+		ct_keep_apart(s2);
+		if (!s1 || !s2)
+			return -1;
+		way = ct_find4(s1, s2, f, hash, &t);
+		if (way >= 0)
+			ct_touch(way < XLB_CT_WAYS ? &s1->way[way & (XLB_CT_WAYS - 1)].t
+						   : &s2->way[way & (XLB_CT_WAYS - 1)].t, ct_now());
+	} else {
+		struct xlb_ct_set6 *s1 = bpf_map_lookup_elem(&lb_ct6, &i1);
+		struct xlb_ct_set6 *s2 = bpf_map_lookup_elem(&lb_ct6, &i2);
+
+		if (!s1 || !s2)
+			return -1;
+		way = ct_find6(s1, s2, f, hash, &t);
+		if (way >= 0)
+			ct_touch(way < XLB_CT_WAYS ? &s1->way[way & (XLB_CT_WAYS - 1)].t
+						   : &s2->way[way & (XLB_CT_WAYS - 1)].t, ct_now());
 	}
-	return bpf_map_lookup_elem(&lb_ct6, f);
+	if (way == CT_TORN)
+		stat_inc(XLB_EV_CT_TORN);
+	if (way < 0)
+		return -1;
+	be_id = t.be_id;
+	be = bpf_map_lookup_elem(&lb_backends, &be_id);
+	if (!be || (__u8)be->gen != t.gen >> 24)
+		return -1; /* the id went to another backend since: stale */
+	ct->be = *be;
+	ct->svc_id = t.svc_id;
+	ct->be_id = be_id;
+	ct->snat_port = t.snat_port;
+	ct->action = t.action;
+	ct->pad = 0;
+	ct->hash = hash;
+	ct->gen = t.gen & XLB_CT_GEN_MASK;
+	return 0;
 }
 
-static __always_inline void ct_update(const struct xlb_flow *f, const struct xlb_flow4 *k4, const struct xlb_ct *ct)
+/* ct_live reports whether ct's service still has the generation of the
+ * entry (low 24 bits: the agent never hands out a generation whose are 0). */
+static __always_inline int ct_live(const struct xlb_ct *ct)
 {
-	long err;
+	__u32 *gen = bpf_map_lookup_elem(&lb_svc_gen, &ct->svc_id);
 
-	if (f->family == XLB_AF_INET) {
-		err = bpf_map_update_elem(&lb_ct4, k4, ct, BPF_ANY);
-		ct_keep_apart(err);
-		return;
-	}
-	bpf_map_update_elem(&lb_ct6, f, ct, BPF_ANY);
+	return gen && ct->gen && (*gen & XLB_CT_GEN_MASK) == ct->gen;
 }
 
-static __always_inline void ct_delete(const struct xlb_flow *f, const struct xlb_flow4 *k4)
+/* ct_set writes ct (ct->hash: the flow's xlb_ct_hash) as its entry. */
+static __always_inline void ct_set(const struct xlb_config *cfg, const struct xlb_flow *f, const struct xlb_ct *ct)
 {
-	long err;
+	__u32 mask = cfg->ct_sets - 1, i1 = ct->hash & mask, i2 = ct_set2(ct->hash) & mask;
+	int evict;
 
-	if (f->family == XLB_AF_INET) {
-		err = bpf_map_delete_elem(&lb_ct4, k4);
-		ct_keep_apart(err);
+	if (!cfg->ct_sets)
 		return;
+	if (f->family == XLB_AF_INET) {
+		struct xlb_ct_set4 *s1 = bpf_map_lookup_elem(&lb_ct4, &i1);
+		struct xlb_ct_set4 *s2 = bpf_map_lookup_elem(&lb_ct4, &i2);
+
+		ct_keep_apart(s1);
+		ct_keep_apart(s2);
+		if (!s1 || !s2)
+			return;
+		evict = ct_put4(s1, s2, f, ct);
+	} else {
+		struct xlb_ct_set6 *s1 = bpf_map_lookup_elem(&lb_ct6, &i1);
+		struct xlb_ct_set6 *s2 = bpf_map_lookup_elem(&lb_ct6, &i2);
+
+		if (!s1 || !s2)
+			return;
+		evict = ct_put6(s1, s2, f, ct);
 	}
-	bpf_map_delete_elem(&lb_ct6, f);
+	if (evict)
+		stat_inc(XLB_EV_CT_EVICT);
+}
+
+/* ct_del empties the flow's entry. */
+static __always_inline void ct_del(const struct xlb_config *cfg, const struct xlb_flow *f, __u32 hash)
+{
+	__u32 mask = cfg->ct_sets - 1, i1 = hash & mask, i2 = ct_set2(hash) & mask;
+
+	if (!cfg->ct_sets)
+		return;
+	if (f->family == XLB_AF_INET) {
+		struct xlb_ct_set4 *s1 = bpf_map_lookup_elem(&lb_ct4, &i1);
+		struct xlb_ct_set4 *s2 = bpf_map_lookup_elem(&lb_ct4, &i2);
+
+		ct_keep_apart(s1);
+		ct_keep_apart(s2);
+		if (s1 && s2)
+			ct_clear4(s1, s2, f);
+	} else {
+		struct xlb_ct_set6 *s1 = bpf_map_lookup_elem(&lb_ct6, &i1);
+		struct xlb_ct_set6 *s2 = bpf_map_lookup_elem(&lb_ct6, &i2);
+
+		if (s1 && s2)
+			ct_clear6(s1, s2, f);
+	}
 }
 
 static __always_inline __u32 l2_len(const struct pkt *p)
@@ -915,22 +997,16 @@ static __always_inline int too_big(struct xdp_md *ctx, const struct pkt *p, cons
 
 /* ---- backend selection ---- */
 
-static __always_inline __u32 hash_of(const struct pkt *p, __u32 seed)
-{
-	return flow_hash(p->flow.src, p->flow.dst, p->ports, p->flow.proto, p->flow.family == XLB_AF_INET, seed);
-}
-
-/* slot_hash is the hash that picks a new flow's Maglev slot: the flow's
- * own (hash), or for client-IP affinity that of the same 5-tuple with the
- * client's port zeroed. ports is the raw __u32 of the transport header's
- * first four bytes: on bpfel the source port is its low half. hash stays
- * the flow's for everything else (SNAT port, encapsulation entropy). */
+/* slot_hash is the Maglev flow hash that picks a new flow's slot: of its
+ * 5-tuple, or for client-IP affinity of the same with the client's port
+ * zeroed. ports is the raw __u32 of the transport header's first four
+ * bytes: on bpfel the source port is its low half. */
 static __always_inline __u32 slot_hash(const struct xlb_service *svc, const __u32 *src, const __u32 *dst,
-				       __u32 ports, __u8 proto, int v4, __u32 seed, __u32 hash)
+				       __u32 ports, __u8 proto, int v4, __u32 seed)
 {
-	if (!(svc->flags & XLB_SVC_CLIENT_IP))
-		return hash;
-	return flow_hash(src, dst, ports & 0xffff0000, proto, v4, seed);
+	if (svc->flags & XLB_SVC_CLIENT_IP)
+		ports &= 0xffff0000;
+	return flow_hash(src, dst, ports, proto, v4, seed);
 }
 
 /* pick fills ct with the backend owning slot hash % M of the service's
@@ -1039,31 +1115,27 @@ static __always_inline int snat_forward(struct xdp_md *ctx, const struct pkt *p,
 	return tx(ctx, XLB_TX_SNAT);
 }
 
-/* forward sends a client -> VIP packet to its backend: that of hit, a
- * valid conntrack entry, or else one picked from the table of svc. An
- * established flow's entry is used in place (no copy), except on a RST,
- * which deletes it first. */
+/* forward sends a client -> VIP packet to its backend: that of ct when hit
+ * (the flow's valid conntrack entry; a RST deletes it), or else one picked
+ * from the table of svc into ct. hash is its xlb_ct_hash. One struct for
+ * both: the program's stack is near its limit. */
 static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, struct xlb_config *cfg,
-				   const struct xlb_service *svc, struct xlb_ct *hit, int syn, int rst)
+				   const struct xlb_service *svc, struct xlb_ct *ct, int hit, int syn, int rst,
+				   __u32 hash)
 {
-	struct xlb_ct nct, *ct;
+	__u16 snat_port = 0;
 	int fresh = 0;
 
 	if (hit) {
-		ct = hit;
-		if (rst) {
-			nct = *hit;
-			ct = &nct;
-		}
+		snat_port = ct->snat_port;
 		stat_inc(XLB_EV_CT_HIT);
 	} else {
 		if (!svc)
 			return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
-		__builtin_memset(&nct, 0, sizeof(nct));
-		ct = &nct;
-		ct->hash = hash_of(p, cfg->seed);
+		__builtin_memset(ct, 0, sizeof(*ct));
+		ct->hash = hash;
 		if (pick(svc, slot_hash(svc, p->flow.src, p->flow.dst, p->ports, p->flow.proto,
-					p->flow.family == XLB_AF_INET, cfg->seed, ct->hash), ct)) {
+					p->flow.family == XLB_AF_INET, cfg->seed), ct)) {
 			struct xlb_svc_stats *s = bpf_map_lookup_elem(&lb_svc_stats, &svc->id);
 
 			if (s)
@@ -1081,7 +1153,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, struct xlb
 		if (!have_node_addr(cfg, p->flow.family))
 			return verdict(XLB_DROP_NO_NODE_ADDR, XDP_DROP);
 		/* an established flow's new port (if its own was lost) is
-		 * written to its entry directly */
+		 * written to its entry below */
 		if (snat_claim(p, ct, cfg, ct->hash))
 			return verdict(XLB_DROP_NO_SNAT_PORT, XDP_DROP);
 	}
@@ -1095,11 +1167,11 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, struct xlb
 	}
 	if (rst) {
 		if (hit) {
-			ct_delete(&p->flow, &p->key4);
+			ct_del(cfg, &p->flow, hash);
 			stat_inc(XLB_EV_CT_RST);
 		}
-	} else if (fresh) {
-		ct_update(&p->flow, &p->key4, ct);
+	} else if (fresh || ct->snat_port != snat_port) {
+		ct_set(cfg, &p->flow, ct);
 	}
 	svc_count(ct->svc_id, p->frame_len, fresh);
 	be_count(ct->be_id, p->frame_len, fresh);
@@ -1242,8 +1314,9 @@ static __always_inline int lb_l4(struct xdp_md *ctx, struct pkt *p, __u8 ttl)
 	__u32 zero = 0;
 	struct xlb_config *cfg = bpf_map_lookup_elem(&lb_config, &zero);
 	struct xlb_service *svc = 0;
-	struct xlb_ct *hit = 0;
-	int syn = 0, rst = 0;
+	struct xlb_ct cur;
+	int syn = 0, rst = 0, hit = 0;
+	__u32 hash;
 
 	if (!cfg)
 		return verdict(XLB_PASS_NOT_VIP, XDP_PASS);
@@ -1251,15 +1324,10 @@ static __always_inline int lb_l4(struct xdp_md *ctx, struct pkt *p, __u8 ttl)
 		syn = (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 		rst = p->tcp_flags & TCP_FLAG_RST;
 	}
-	if (!syn) {
-		hit = ct_lookup(&p->flow, &p->key4);
-		if (hit) {
-			__u32 *gen = bpf_map_lookup_elem(&lb_svc_gen, &hit->svc_id);
-
-			if (!gen || !hit->gen || *gen != hit->gen)
-				hit = 0; /* its service is gone: a new flow if the frontend still exists */
-		}
-	}
+	hash = xlb_ct_hash(&p->flow, cfg->seed);
+	/* stale when its service is gone: a new flow if the frontend still exists */
+	if (!syn && !ct_get(cfg, &p->flow, hash, &cur) && ct_live(&cur))
+		hit = 1;
 	if (!hit) {
 		struct xlb_vip key = {};
 
@@ -1275,7 +1343,7 @@ static __always_inline int lb_l4(struct xdp_md *ctx, struct pkt *p, __u8 ttl)
 		return verdict(XLB_PASS_TTL, XDP_PASS);
 	if (p->flow.family == XLB_AF_INET && !ip4_header_ok(ctx, p))
 		return verdict(XLB_PASS_BAD_CSUM, XDP_PASS);
-	return forward(ctx, p, cfg, svc, hit, syn, rst);
+	return forward(ctx, p, cfg, svc, &cur, hit, syn, rst, hash);
 }
 
 /* set_addr4w writes the 4-word address to into a (words of the packet) and
@@ -1395,9 +1463,9 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	struct xlb_vip key = {};
 	struct xlb_service *svc;
 	struct xlb_flow flow = {};
-	struct xlb_flow4 k4 = {};
-	struct xlb_ct *hit, ct = {};
+	struct xlb_ct ct = {};
 	__u32 vip[4], node[4] = {};
+	int hit;
 
 	__builtin_memcpy(key.addr, esrc, 16);
 	key.port = esport;
@@ -1411,23 +1479,14 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, const _
 	__builtin_memcpy(flow.src, edst, 16);
 	__builtin_memcpy(flow.dst, esrc, 16);
 	__builtin_memcpy(vip, esrc, 16);
-	flow.sport = edport;
-	flow.dport = esport;
+	ports = (__u32)edport | (__u32)esport << 16;
+	*(__u32 *)&flow.sport = ports; /* one store: read as one word */
 	flow.proto = eproto;
 	flow.family = p->flow.family;
-	k4.src = flow.src[0];
-	k4.dst = flow.dst[0];
-	k4.sport = flow.sport;
-	k4.dport = flow.dport;
-	k4.proto = flow.proto;
-	hit = ct_lookup(&flow, &k4);
-	if (hit) {
-		ct = *hit;
-		hash = ct.hash;
-	} else {
-		ports = (__u32)edport | (__u32)esport << 16;
-		hash = flow_hash(flow.src, flow.dst, ports, eproto, flow.family == XLB_AF_INET, cfg->seed);
-		if (pick(svc, slot_hash(svc, flow.src, flow.dst, ports, eproto, flow.family == XLB_AF_INET, cfg->seed, hash), &ct))
+	hash = xlb_ct_hash(&flow, cfg->seed);
+	hit = !ct_get(cfg, &flow, hash, &ct) && ct_live(&ct);
+	if (!hit) {
+		if (pick(svc, slot_hash(svc, flow.src, flow.dst, ports, eproto, flow.family == XLB_AF_INET, cfg->seed), &ct))
 			return verdict(XLB_PASS_ICMP, XDP_PASS);
 		ct.action = action_for(svc, eproto);
 	}
@@ -1491,9 +1550,6 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 	p->flow.proto = ip->protocol;
 	p->flow.src[0] = ip->saddr;
 	p->flow.dst[0] = ip->daddr;
-	p->key4.src = ip->saddr;
-	p->key4.dst = ip->daddr;
-	p->key4.proto = ip->protocol;
 	if (ip->frag_off & bpf_htons(IP_MF_ | IP_OFFSET_)) {
 		p->frag_id = ip->id;
 		p->more = (ip->frag_off & bpf_htons(IP_MF_)) != 0;
@@ -1510,10 +1566,8 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 		if ((void *)(th + 1) > end || tot < sizeof(*ip) + sizeof(*th))
 			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
 		p->ports = *(__u32 *)th;
-		p->flow.sport = th->source;
-		p->flow.dport = th->dest;
-		p->key4.sport = th->source;
-		p->key4.dport = th->dest;
+		/* one store: the conntrack reads sport and dport as one word */
+		*(__u32 *)&p->flow.sport = p->ports;
 		p->tcp_flags = ((__u8 *)th)[13];
 		*ttl = ip->ttl;
 		return p->frag ? LB_FRAG : LB_CONTINUE;
@@ -1524,10 +1578,8 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 		if ((void *)(uh + 1) > end || tot < sizeof(*ip) + sizeof(*uh))
 			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
 		p->ports = *(__u32 *)uh;
-		p->flow.sport = uh->source;
-		p->flow.dport = uh->dest;
-		p->key4.sport = uh->source;
-		p->key4.dport = uh->dest;
+		/* one store: the conntrack reads sport and dport as one word */
+		*(__u32 *)&p->flow.sport = p->ports;
 		*ttl = ip->ttl;
 		return p->frag ? LB_FRAG : LB_CONTINUE;
 	}
@@ -1623,8 +1675,8 @@ static __always_inline int handle_v6(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 		if ((void *)(th + 1) > end || plen < hlen + sizeof(*th))
 			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
 		p->ports = *(__u32 *)th;
-		p->flow.sport = th->source;
-		p->flow.dport = th->dest;
+		/* one store: the conntrack reads sport and dport as one word */
+		*(__u32 *)&p->flow.sport = p->ports;
 		p->tcp_flags = ((__u8 *)th)[13];
 		*ttl = ip6->hop_limit;
 		return p->frag ? LB_FRAG : LB_CONTINUE;
@@ -1635,8 +1687,8 @@ static __always_inline int handle_v6(struct xdp_md *ctx, struct pkt *p, __u8 *tt
 		if ((void *)(uh + 1) > end || plen < hlen + sizeof(*uh))
 			return verdict(XLB_PASS_MALFORMED, XDP_PASS);
 		p->ports = *(__u32 *)uh;
-		p->flow.sport = uh->source;
-		p->flow.dport = uh->dest;
+		/* one store: the conntrack reads sport and dport as one word */
+		*(__u32 *)&p->flow.sport = p->ports;
 		*ttl = ip6->hop_limit;
 		return p->frag ? LB_FRAG : LB_CONTINUE;
 	}

@@ -29,6 +29,7 @@ type XdplbXlbBackend struct {
 	Port         uint16
 	Family       uint8
 	TunnelFamily uint8
+	Gen          uint32
 }
 
 type XdplbXlbBackendStats struct {
@@ -46,11 +47,20 @@ type XdplbXlbConfig struct {
 	SnatLo uint16
 	SnatHi uint16
 	Flags  uint32
+	CtSets uint32
 }
 
 type XdplbXlbCt struct {
-	_        structs.HostLayout
-	Be       XdplbXlbBackend
+	_  structs.HostLayout
+	Be struct {
+		_            structs.HostLayout
+		Addr         [4]uint32
+		Tunnel       [4]uint32
+		Port         uint16
+		Family       uint8
+		TunnelFamily uint8
+		Gen          uint32
+	}
 	SvcId    uint32
 	BeId     uint32
 	SnatPort uint16
@@ -58,6 +68,51 @@ type XdplbXlbCt struct {
 	Pad      uint8
 	Hash     uint32
 	Gen      uint32
+}
+
+type XdplbXlbCtGeometry uint32
+
+const (
+	XdplbXlbCtGeometryXLB_CT_WAYS XdplbXlbCtGeometry = 4
+)
+
+type XdplbXlbCtSet4 struct {
+	_   structs.HostLayout
+	Way [4]XdplbXlbCtWay4
+}
+
+type XdplbXlbCtSet6 struct {
+	_   structs.HostLayout
+	Way [4]XdplbXlbCtWay6
+}
+
+type XdplbXlbCtTail struct {
+	_        structs.HostLayout
+	Sport    uint16
+	Dport    uint16
+	Proto    uint8
+	Action   uint8
+	SnatPort uint16
+	SvcId    uint16
+	BeId     uint16
+	Gen      uint32
+	Seen     uint32
+	Check    uint32
+}
+
+type XdplbXlbCtWay4 struct {
+	_   structs.HostLayout
+	Src uint32
+	Dst uint32
+	T   XdplbXlbCtTail
+}
+
+type XdplbXlbCtWay6 struct {
+	_   structs.HostLayout
+	Src [4]uint32
+	Dst [4]uint32
+	T   XdplbXlbCtTail
+	Pad [2]uint32
 }
 
 type XdplbXlbDispatch uint32
@@ -86,16 +141,6 @@ type XdplbXlbFlow struct {
 	Pad    uint16
 }
 
-type XdplbXlbFlow4 struct {
-	_     structs.HostLayout
-	Src   uint32
-	Dst   uint32
-	Sport uint16
-	Dport uint16
-	Proto uint8
-	Pad   [3]uint8
-}
-
 type XdplbXlbFrag struct {
 	_     structs.HostLayout
 	Src   [4]uint32
@@ -117,7 +162,7 @@ type XdplbXlbFragKey struct {
 type XdplbXlbLayout uint32
 
 const (
-	XdplbXlbLayoutXLB_LAYOUT_VERSION XdplbXlbLayout = 3
+	XdplbXlbLayoutXLB_LAYOUT_VERSION XdplbXlbLayout = 4
 )
 
 type XdplbXlbMeta struct {
@@ -195,7 +240,9 @@ const (
 	XdplbXlbStatXLB_EV_FRAG_UNKNOWN   XdplbXlbStat = 24
 	XdplbXlbStatXLB_TX_TOO_BIG        XdplbXlbStat = 25
 	XdplbXlbStatXLB_DROP_TOO_BIG      XdplbXlbStat = 26
-	XdplbXlbStatXLB_STAT_MAX          XdplbXlbStat = 27
+	XdplbXlbStatXLB_EV_CT_EVICT       XdplbXlbStat = 27
+	XdplbXlbStatXLB_EV_CT_TORN        XdplbXlbStat = 28
+	XdplbXlbStatXLB_STAT_MAX          XdplbXlbStat = 29
 )
 
 type XdplbXlbStatSlots uint32
@@ -244,30 +291,33 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	XdplbMapLbBackends         = "lb_backends"
-	XdplbMapLbBeStats          = "lb_be_stats"
-	XdplbMapLbConfig           = "lb_config"
-	XdplbMapLbCt4              = "lb_ct4"
-	XdplbMapLbCt6              = "lb_ct6"
-	XdplbMapLbFrags            = "lb_frags"
-	XdplbMapLbMeta             = "lb_meta"
-	XdplbMapLbServices         = "lb_services"
-	XdplbMapLbSnat             = "lb_snat"
-	XdplbMapLbStats            = "lb_stats"
-	XdplbMapLbSvcGen           = "lb_svc_gen"
-	XdplbMapLbSvcStats         = "lb_svc_stats"
-	XdplbMapLbTables           = "lb_tables"
-	XdplbProgXdpPass           = "xdp_pass"
-	XdplbProgXdplb             = "xdplb"
-	XdplbVarUnusedXlbAction    = "__unused_xlb_action"
-	XdplbVarUnusedXlbDispatch  = "__unused_xlb_dispatch"
-	XdplbVarUnusedXlbFamily    = "__unused_xlb_family"
-	XdplbVarUnusedXlbLayout    = "__unused_xlb_layout"
-	XdplbVarUnusedXlbMode      = "__unused_xlb_mode"
-	XdplbVarUnusedXlbStat      = "__unused_xlb_stat"
-	XdplbVarUnusedXlbStatSlots = "__unused_xlb_stat_slots"
-	XdplbVarUnusedXlbSvcFlag   = "__unused_xlb_svc_flag"
-	XdplbVarUnusedXlbWire      = "__unused_xlb_wire"
+	XdplbMapLbBackends          = "lb_backends"
+	XdplbMapLbBeStats           = "lb_be_stats"
+	XdplbMapLbConfig            = "lb_config"
+	XdplbMapLbCt4               = "lb_ct4"
+	XdplbMapLbCt6               = "lb_ct6"
+	XdplbMapLbFrags             = "lb_frags"
+	XdplbMapLbMeta              = "lb_meta"
+	XdplbMapLbServices          = "lb_services"
+	XdplbMapLbSnat              = "lb_snat"
+	XdplbMapLbStats             = "lb_stats"
+	XdplbMapLbSvcGen            = "lb_svc_gen"
+	XdplbMapLbSvcStats          = "lb_svc_stats"
+	XdplbMapLbTables            = "lb_tables"
+	XdplbProgXdpPass            = "xdp_pass"
+	XdplbProgXdplb              = "xdplb"
+	XdplbVarUnusedXlbAction     = "__unused_xlb_action"
+	XdplbVarUnusedXlbCt         = "__unused_xlb_ct"
+	XdplbVarUnusedXlbCtGeometry = "__unused_xlb_ct_geometry"
+	XdplbVarUnusedXlbDispatch   = "__unused_xlb_dispatch"
+	XdplbVarUnusedXlbFamily     = "__unused_xlb_family"
+	XdplbVarUnusedXlbFlow       = "__unused_xlb_flow"
+	XdplbVarUnusedXlbLayout     = "__unused_xlb_layout"
+	XdplbVarUnusedXlbMode       = "__unused_xlb_mode"
+	XdplbVarUnusedXlbStat       = "__unused_xlb_stat"
+	XdplbVarUnusedXlbStatSlots  = "__unused_xlb_stat_slots"
+	XdplbVarUnusedXlbSvcFlag    = "__unused_xlb_svc_flag"
+	XdplbVarUnusedXlbWire       = "__unused_xlb_wire"
 )
 
 // LoadXdplb returns the embedded CollectionSpec for Xdplb.
@@ -339,15 +389,18 @@ type XdplbMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type XdplbVariableSpecs struct {
-	UnusedXlbAction    *ebpf.VariableSpec `ebpf:"__unused_xlb_action"`
-	UnusedXlbDispatch  *ebpf.VariableSpec `ebpf:"__unused_xlb_dispatch"`
-	UnusedXlbFamily    *ebpf.VariableSpec `ebpf:"__unused_xlb_family"`
-	UnusedXlbLayout    *ebpf.VariableSpec `ebpf:"__unused_xlb_layout"`
-	UnusedXlbMode      *ebpf.VariableSpec `ebpf:"__unused_xlb_mode"`
-	UnusedXlbStat      *ebpf.VariableSpec `ebpf:"__unused_xlb_stat"`
-	UnusedXlbStatSlots *ebpf.VariableSpec `ebpf:"__unused_xlb_stat_slots"`
-	UnusedXlbSvcFlag   *ebpf.VariableSpec `ebpf:"__unused_xlb_svc_flag"`
-	UnusedXlbWire      *ebpf.VariableSpec `ebpf:"__unused_xlb_wire"`
+	UnusedXlbAction     *ebpf.VariableSpec `ebpf:"__unused_xlb_action"`
+	UnusedXlbCt         *ebpf.VariableSpec `ebpf:"__unused_xlb_ct"`
+	UnusedXlbCtGeometry *ebpf.VariableSpec `ebpf:"__unused_xlb_ct_geometry"`
+	UnusedXlbDispatch   *ebpf.VariableSpec `ebpf:"__unused_xlb_dispatch"`
+	UnusedXlbFamily     *ebpf.VariableSpec `ebpf:"__unused_xlb_family"`
+	UnusedXlbFlow       *ebpf.VariableSpec `ebpf:"__unused_xlb_flow"`
+	UnusedXlbLayout     *ebpf.VariableSpec `ebpf:"__unused_xlb_layout"`
+	UnusedXlbMode       *ebpf.VariableSpec `ebpf:"__unused_xlb_mode"`
+	UnusedXlbStat       *ebpf.VariableSpec `ebpf:"__unused_xlb_stat"`
+	UnusedXlbStatSlots  *ebpf.VariableSpec `ebpf:"__unused_xlb_stat_slots"`
+	UnusedXlbSvcFlag    *ebpf.VariableSpec `ebpf:"__unused_xlb_svc_flag"`
+	UnusedXlbWire       *ebpf.VariableSpec `ebpf:"__unused_xlb_wire"`
 }
 
 // XdplbObjects contains all objects after they have been loaded into the kernel.
@@ -407,15 +460,18 @@ func (m *XdplbMaps) Close() error {
 //
 // It can be passed to LoadXdplbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XdplbVariables struct {
-	UnusedXlbAction    *ebpf.Variable `ebpf:"__unused_xlb_action"`
-	UnusedXlbDispatch  *ebpf.Variable `ebpf:"__unused_xlb_dispatch"`
-	UnusedXlbFamily    *ebpf.Variable `ebpf:"__unused_xlb_family"`
-	UnusedXlbLayout    *ebpf.Variable `ebpf:"__unused_xlb_layout"`
-	UnusedXlbMode      *ebpf.Variable `ebpf:"__unused_xlb_mode"`
-	UnusedXlbStat      *ebpf.Variable `ebpf:"__unused_xlb_stat"`
-	UnusedXlbStatSlots *ebpf.Variable `ebpf:"__unused_xlb_stat_slots"`
-	UnusedXlbSvcFlag   *ebpf.Variable `ebpf:"__unused_xlb_svc_flag"`
-	UnusedXlbWire      *ebpf.Variable `ebpf:"__unused_xlb_wire"`
+	UnusedXlbAction     *ebpf.Variable `ebpf:"__unused_xlb_action"`
+	UnusedXlbCt         *ebpf.Variable `ebpf:"__unused_xlb_ct"`
+	UnusedXlbCtGeometry *ebpf.Variable `ebpf:"__unused_xlb_ct_geometry"`
+	UnusedXlbDispatch   *ebpf.Variable `ebpf:"__unused_xlb_dispatch"`
+	UnusedXlbFamily     *ebpf.Variable `ebpf:"__unused_xlb_family"`
+	UnusedXlbFlow       *ebpf.Variable `ebpf:"__unused_xlb_flow"`
+	UnusedXlbLayout     *ebpf.Variable `ebpf:"__unused_xlb_layout"`
+	UnusedXlbMode       *ebpf.Variable `ebpf:"__unused_xlb_mode"`
+	UnusedXlbStat       *ebpf.Variable `ebpf:"__unused_xlb_stat"`
+	UnusedXlbStatSlots  *ebpf.Variable `ebpf:"__unused_xlb_stat_slots"`
+	UnusedXlbSvcFlag    *ebpf.Variable `ebpf:"__unused_xlb_svc_flag"`
+	UnusedXlbWire       *ebpf.Variable `ebpf:"__unused_xlb_wire"`
 }
 
 // XdplbPrograms contains all programs after they have been loaded into the kernel.

@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/shuntmesh/shunt/bpf"
 	"github.com/shuntmesh/shunt/mesh"
 	"github.com/shuntmesh/shunt/mesh/maglev"
 )
@@ -37,20 +38,19 @@ type Config struct {
 	// SNATPorts is the node port range for SNAT, "LO-HI" (default
 	// 61000-65535, above Linux's default ephemeral range).
 	SNATPorts string `json:"snatPorts,omitempty"`
-	// Conntrack selects the LRU of the conntrack, SNAT and DSR reverse-NAT
-	// maps: "percpu" (per-CPU LRU lists, BPF_F_NO_COMMON_LRU; the default)
-	// or "shared" (one LRU list with per-CPU free-list caches). Measured
-	// with `shuntctl bench xdp` on 2 CPUs (default capacity, medians of 8
-	// runs): new flows 330 vs 349 ns, new flows into a full map (eviction)
-	// 657 vs 784 ns, new flows on both CPUs at once 380 vs 462 ns;
-	// established flows 150 vs 160 ns. The price: capacity is split, each
-	// CPU evicts its own flows once it holds maxFlows/CPUs of them.
+	// Conntrack selects the kind of LRU of the SNAT and DSR reverse-NAT
+	// maps: "percpu" (per-CPU LRU lists, BPF_F_NO_COMMON_LRU; the
+	// default) or "shared" (one LRU list with per-CPU free-list caches).
+	// With "percpu" each CPU evicts its own entries once it holds
+	// maxFlows/CPUs of them. (The conntrack itself is a table of Shunt's
+	// own, shared by all CPUs: see bpf/lib/xdplb.h and the README.)
 	Conntrack string `json:"conntrack,omitempty"`
 	// Capacities.
 	MaxServices uint32 `json:"maxServices,omitempty"`
 	MaxBackends uint32 `json:"maxBackends,omitempty"`
-	// MaxFlows sizes the IPv4 and the IPv6 conntrack (each), the SNAT
-	// map and the DSR reverse-NAT map.
+	// MaxFlows sizes the IPv4 and the IPv6 conntrack (each holds maxFlows
+	// flows with room to spare, see CTSets), the SNAT map and the DSR
+	// reverse-NAT map.
 	MaxFlows uint32 `json:"maxFlows,omitempty"`
 	// NetNS is the network namespace the devices are in (a path such as
 	// /run/netns/x); default: the agent's own.
@@ -65,6 +65,24 @@ const (
 	DefaultMaxBackends = 65536
 	DefaultMaxFlows    = 262144
 )
+
+// CTSets is the number of sets of each conntrack table (lb_ct4, lb_ct6)
+// for maxFlows flows: the power of 2 at or above maxFlows / 2, so a table
+// has at least twice maxFlows places (4 flows a set, XLB_CT_WAYS). A flow
+// may go to either of two sets; with half the places taken, a new flow
+// finds both full about once in 100,000 inserts (it then evicts the flow
+// of the eight seen least recently), and a full table holds about 1.85 x
+// maxFlows flows. Entries do not expire: finished flows fill the table
+// until they are replaced, as in an LRU. A set is 128 bytes in lb_ct4 and 256 in lb_ct6: 64 and
+// 128 bytes per flow of maxFlows.
+func CTSets(maxFlows uint32) uint32 {
+	ways := uint32(bpf.XdplbXlbCtGeometryXLB_CT_WAYS)
+	n := uint32(1)
+	for n*ways < 2*maxFlows {
+		n <<= 1
+	}
+	return n
+}
 
 // Params is a validated Config in parsed form.
 type Params struct {
@@ -172,7 +190,7 @@ func (c Config) Parse() (Params, error) {
 		min, max uint32
 	}{
 		{"maxServices", c.MaxServices, &p.MaxServices, 1, 1 << 16},
-		{"maxBackends", c.MaxBackends, &p.MaxBackends, 16, 1 << 20},
+		{"maxBackends", c.MaxBackends, &p.MaxBackends, 16, 1 << 16}, // conntrack entries hold 16-bit ids
 		{"maxFlows", c.MaxFlows, &p.MaxFlows, 1024, 1 << 26},
 	} {
 		if v.val == 0 {

@@ -37,6 +37,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -91,8 +92,8 @@ func Spec(p Params) (lb, dsr *ebpf.CollectionSpec, err error) {
 		{lb, bpf.XdplbMapLbSvcGen, p.MaxServices},
 		{lb, bpf.XdplbMapLbBackends, p.MaxBackends},
 		{lb, bpf.XdplbMapLbBeStats, p.MaxBackends},
-		{lb, bpf.XdplbMapLbCt4, p.MaxFlows},
-		{lb, bpf.XdplbMapLbCt6, p.MaxFlows},
+		{lb, bpf.XdplbMapLbCt4, CTSets(p.MaxFlows)},
+		{lb, bpf.XdplbMapLbCt6, CTSets(p.MaxFlows)},
 		{lb, bpf.XdplbMapLbSnat, p.MaxFlows},
 		{dsr, bpf.DsrMapDsrServices, p.MaxBackends},
 		{dsr, bpf.DsrMapDsrRevnat, p.MaxFlows},
@@ -104,12 +105,8 @@ func Spec(p Params) (lb, dsr *ebpf.CollectionSpec, err error) {
 		}
 		ms.MaxEntries = s.n
 	}
-	for _, name := range []string{bpf.XdplbMapLbCt4, bpf.XdplbMapLbCt6, bpf.XdplbMapLbSnat} {
-		if p.PerCPULRU {
-			lb.Maps[name].Flags |= unix.BPF_F_NO_COMMON_LRU
-		}
-	}
 	if p.PerCPULRU {
+		lb.Maps[bpf.XdplbMapLbSnat].Flags |= unix.BPF_F_NO_COMMON_LRU
 		dsr.Maps[bpf.DsrMapDsrRevnat].Flags |= unix.BPF_F_NO_COMMON_LRU
 	}
 	if lb.Maps[bpf.XdplbMapLbTables].InnerMap == nil {
@@ -188,6 +185,16 @@ func Open(cfg Config, root string, log *slog.Logger) (_ *Datapath, err error) {
 	}
 	if err := d.dsr.DsrMeta.Put(uint32(0), bpf.DsrXlbMeta{LayoutVersion: LayoutVersion}); err != nil {
 		return nil, fmt.Errorf("write dsr_meta: %w", err)
+	}
+	if !d.Adopted {
+		start := time.Now()
+		if err := prefault[bpf.XdplbXlbCtSet4](d.lb.LbCt4); err != nil {
+			return nil, err
+		}
+		if err := prefault[bpf.XdplbXlbCtSet6](d.lb.LbCt6); err != nil {
+			return nil, err
+		}
+		d.log.Debug("conntrack tables read once", "took", time.Since(start))
 	}
 	if err := d.pinMaps(); err != nil {
 		return nil, err
@@ -325,7 +332,8 @@ func (d *Datapath) pinMaps() error {
 
 // writeConfig stores the seed, node addresses and SNAT range in lb_config.
 func (d *Datapath) writeConfig() error {
-	c := bpf.XdplbXlbConfig{Seed: d.p.Seed.DatapathSeed(), SnatLo: d.p.SNATLo, SnatHi: d.p.SNATHi}
+	c := bpf.XdplbXlbConfig{Seed: d.p.Seed.DatapathSeed(), SnatLo: d.p.SNATLo, SnatHi: d.p.SNATHi,
+		CtSets: d.lb.LbCt4.MaxEntries()}
 	if d.p.Node4.IsValid() {
 		a := addrWords(d.p.Node4)
 		c.Node4 = a[0]
@@ -337,6 +345,29 @@ func (d *Datapath) writeConfig() error {
 		return fmt.Errorf("write lb_config: %w", err)
 	}
 	return nil
+}
+
+// prefault reads every set of a new conntrack table once. The kernel
+// allocates and zeroes its memory, but on a VM with shadow page tables
+// (this project's CI) the first access to each page through the map's
+// mapping traps to the hypervisor: measured, the first new flows into a
+// fresh table cost 300 ns more each until it had been touched. Reading it
+// here moves that to load time (~0.1 s at the default size; on bare metal
+// it only warms the caches).
+func prefault[V any](m *ebpf.Map) error {
+	const chunk = 4096
+	keys := make([]uint32, chunk)
+	vals := make([]V, chunk)
+	var cursor ebpf.MapBatchCursor
+	for {
+		_, err := m.BatchLookup(&cursor, keys, vals, nil)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read %s: %w", m.String(), err)
+		}
+	}
 }
 
 // inNetNS runs fn on a locked OS thread inside the network namespace at
@@ -563,7 +594,9 @@ func (d *Datapath) LBMaps() *bpf.XdplbMaps { return &d.lb.XdplbMaps }
 func (d *Datapath) DSRMaps() *bpf.DsrMaps { return &d.dsr.DsrMaps }
 
 // Conntrack returns the conntrack maps (owned by d: do not close them).
-func (d *Datapath) Conntrack() Conntrack { return Conntrack{V4: d.lb.LbCt4, V6: d.lb.LbCt6} }
+func (d *Datapath) Conntrack() Conntrack {
+	return Conntrack{V4: d.lb.LbCt4, V6: d.lb.LbCt6, Backends: d.lb.LbBackends, Config: d.lb.LbConfig}
+}
 
 // Params returns the parsed configuration.
 func (d *Datapath) Params() Params { return d.p }

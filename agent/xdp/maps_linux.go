@@ -269,21 +269,32 @@ func (d *Datapath) Sync(desired []Service) (res SyncResult, err error) {
 		if id, ok := st.beIDs[k]; ok {
 			return id, nil
 		}
-		var id uint32
-		if len(st.free) > 0 {
-			id, st.free = st.free[0], st.free[1:]
-		} else {
-			if st.next >= d.p.MaxBackends {
-				return 0, fmt.Errorf("%w: no free backend id (xdp.maxBackends %d)", ErrCapacity, d.p.MaxBackends)
-			}
+		// Never-used ids first, then released ones oldest first: the
+		// conntrack names a flow's backend by id, so an established flow
+		// to a removed backend keeps it until its id is handed out again,
+		// which is as late as maxBackends allows.
+		// A released id gets the next generation: conntrack entries
+		// naming the backend that had it are stale from then on.
+		var id, gen uint32
+		switch {
+		case st.next < d.p.MaxBackends:
 			id = st.next
 			st.next++
+		case len(st.free) > 0:
+			id, st.free = st.free[0], st.free[1:]
+			var old bpf.XdplbXlbBackend
+			if err := d.lb.LbBackends.Lookup(id, &old); err != nil {
+				return 0, mapErr("lb_backends", err)
+			}
+			gen = old.Gen + 1
+		default:
+			return 0, fmt.Errorf("%w: no free backend id (xdp.maxBackends %d)", ErrCapacity, d.p.MaxBackends)
 		}
 		st.beIDs[k] = id
 		st.beRef[id] = 0
 		resetBe = append(resetBe, id)
 		be := bpf.XdplbXlbBackend{Addr: addrWords(k.addr.Addr()), Tunnel: addrWords(k.tunnel), Port: portN(k.addr.Port()),
-			Family: family(k.addr.Addr()), TunnelFamily: family(k.tunnel)}
+			Family: family(k.addr.Addr()), TunnelFamily: family(k.tunnel), Gen: gen}
 		if err := d.lb.LbBackends.Put(id, be); err != nil {
 			return 0, mapErr("lb_backends", err)
 		}
@@ -406,16 +417,20 @@ func (d *Datapath) Sync(desired []Service) (res SyncResult, err error) {
 		res.Deleted++
 	}
 	// Backends no service refers to any more: their ids are reused later
-	// (oldest first); the lb_backends entry stays until then.
+	// (see allocBe); the lb_backends entry stays until then, for the
+	// conntrack entries that still name it.
+	var released []uint32
 	for k, id := range st.beIDs {
 		if refs[id] == 0 {
 			delete(st.beIDs, k)
 			delete(st.beRef, id)
-			st.free = append(st.free, id)
+			released = append(released, id)
 		} else {
 			st.beRef[id] = refs[id]
 		}
 	}
+	slices.Sort(released) // one order, whatever the map's
+	st.free = append(st.free, released...)
 	if err := d.syncDSR(desired); err != nil {
 		return res, err
 	}
@@ -429,9 +444,10 @@ func (d *Datapath) nextGen() (uint32, error) {
 	if err := d.lb.LbMeta.Lookup(uint32(0), &meta); err != nil {
 		return 0, fmt.Errorf("read lb_meta: %w", err)
 	}
+	// Conntrack entries hold a generation's low 24 bits, 0 meaning none.
 	meta.GenSeq++
-	if meta.GenSeq == 0 {
-		meta.GenSeq = 1
+	if meta.GenSeq&(1<<24-1) == 0 {
+		meta.GenSeq++
 	}
 	if err := d.lb.LbMeta.Put(uint32(0), meta); err != nil {
 		return 0, mapErr("lb_meta", err)

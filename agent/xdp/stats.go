@@ -32,6 +32,8 @@ var StatNames = []string{
 	"frag_unknown",
 	"tx_too_big",
 	"drop_too_big",
+	"ct_evict",
+	"ct_torn",
 }
 
 // DSRStatNames labels enum dsr_stat, in order; checked against DSR_STAT_MAX.

@@ -41,30 +41,81 @@ type WhichResult struct {
 	Established bool `json:"established"`
 }
 
-// Conntrack is the load balancer's conntrack: one LRU map per family
-// (lb_ct4, lb_ct6).
+// Conntrack is the load balancer's conntrack (lb_ct4, lb_ct6) with the maps
+// reading an entry needs: lb_backends (an entry names its backend by id)
+// and lb_config (the seed that places flows, the number of sets).
 type Conntrack struct {
-	V4, V6 *ebpf.Map
+	V4, V6, Backends, Config *ebpf.Map
 }
 
-// Close closes both maps.
+// Close closes the maps.
 func (c Conntrack) Close() error {
-	var err4, err6 error
-	if c.V4 != nil {
-		err4 = c.V4.Close()
+	var errs []error
+	for _, m := range []*ebpf.Map{c.V4, c.V6, c.Backends, c.Config} {
+		if m != nil {
+			errs = append(errs, m.Close())
+		}
 	}
-	if c.V6 != nil {
-		err6 = c.V6.Close()
-	}
-	return errors.Join(err4, err6)
+	return errors.Join(errs...)
 }
 
-// Lookup reads the conntrack entry of the flow src -> dst.
+// Lookup reads the conntrack entry of the flow src -> dst as the program
+// would (ebpf.ErrKeyNotExist when it has none or its entry fails its
+// check), with its backend from lb_backends.
 func (c Conntrack) Lookup(proto mesh.Protocol, src, dst netip.AddrPort, v *bpf.XdplbXlbCt) error {
-	if src.Addr().Is4() {
-		return c.V4.Lookup(FlowKey4(proto, src, dst), v)
+	var cfg bpf.XdplbXlbConfig
+	if err := c.Config.Lookup(uint32(0), &cfg); err != nil {
+		return fmt.Errorf("read lb_config: %w", err)
 	}
-	return c.V6.Lookup(FlowKey(proto, src, dst), v)
+	if cfg.CtSets == 0 {
+		return fmt.Errorf("no conntrack (lb_config.ct_sets is 0): %w", ebpf.ErrKeyNotExist)
+	}
+	hash := CTFlowHash(proto, src, dst, cfg.Seed)
+	i1, i2 := CTSetsOf(hash, cfg.CtSets)
+	pn, sp, dp := protoNum(proto), portN(src.Port()), portN(dst.Port())
+	var tail *bpf.XdplbXlbCtTail
+	for _, idx := range []uint32{i1, i2} {
+		if family(src.Addr()) == afInet {
+			var set bpf.XdplbXlbCtSet4
+			if err := c.V4.Lookup(idx, &set); err != nil {
+				return fmt.Errorf("read lb_ct4 set %d: %w", idx, err)
+			}
+			s, d := addrWords(src.Addr())[0], addrWords(dst.Addr())[0]
+			for i := range set.Way {
+				if w := &set.Way[i]; w.Src == s && w.Dst == d && ctMatch(&w.T, pn, sp, dp, hash) {
+					tail = &w.T
+					break
+				}
+			}
+		} else {
+			var set bpf.XdplbXlbCtSet6
+			if err := c.V6.Lookup(idx, &set); err != nil {
+				return fmt.Errorf("read lb_ct6 set %d: %w", idx, err)
+			}
+			s, d := addrWords(src.Addr()), addrWords(dst.Addr())
+			for i := range set.Way {
+				if w := &set.Way[i]; w.Src == s && w.Dst == d && ctMatch(&w.T, pn, sp, dp, hash) {
+					tail = &w.T
+					break
+				}
+			}
+		}
+		if tail != nil {
+			break
+		}
+	}
+	if tail == nil {
+		return ebpf.ErrKeyNotExist
+	}
+	*v = bpf.XdplbXlbCt{SvcId: uint32(tail.SvcId), BeId: uint32(tail.BeId), SnatPort: tail.SnatPort,
+		Action: tail.Action, Hash: hash, Gen: tail.Gen & ctGenMask}
+	if err := c.Backends.Lookup(uint32(tail.BeId), &v.Be); err != nil {
+		return fmt.Errorf("read lb_backends %d: %w", tail.BeId, err)
+	}
+	if uint8(v.Be.Gen) != uint8(tail.Gen>>24) {
+		return fmt.Errorf("entry names backend %d of an earlier generation: %w", tail.BeId, ebpf.ErrKeyNotExist)
+	}
+	return nil
 }
 
 // Which asks the loaded program where a packet of the flow src -> dst
@@ -102,21 +153,15 @@ func Which(prog *ebpf.Program, ct Conntrack, proto mesh.Protocol, src, dst netip
 	return res, nil
 }
 
-// FlowKey is the conntrack key of the flow src -> dst in lb_ct6 (and the
-// layout of the 5-tuple in the other maps that hold one).
+// FlowKey is the 5-tuple of the flow src -> dst as the maps that hold
+// one lay it out (struct xlb_flow).
 func FlowKey(proto mesh.Protocol, src, dst netip.AddrPort) bpf.XdplbXlbFlow {
 	return bpf.XdplbXlbFlow{Src: addrWords(src.Addr()), Dst: addrWords(dst.Addr()), Sport: portN(src.Port()),
 		Dport: portN(dst.Port()), Proto: protoNum(proto), Family: family(src.Addr())}
 }
 
-// FlowKey4 is the lb_ct4 key of the IPv4 flow src -> dst.
-func FlowKey4(proto mesh.Protocol, src, dst netip.AddrPort) bpf.XdplbXlbFlow4 {
-	return bpf.XdplbXlbFlow4{Src: addrWords(src.Addr())[0], Dst: addrWords(dst.Addr())[0], Sport: portN(src.Port()),
-		Dport: portN(dst.Port()), Proto: protoNum(proto)}
-}
-
 // OpenPinned opens the load balancer program attached to device (any
-// device when "") and the conntrack map, from the pins under the agent's
+// device when "") and the conntrack maps, from the pins under the agent's
 // bpffs root: what `shuntctl lb which` runs.
 func OpenPinned(root, device string) (*ebpf.Program, Conntrack, error) {
 	dir := filepath.Join(root, "xdp")
@@ -151,7 +196,8 @@ func OpenPinned(root, device string) (*ebpf.Program, Conntrack, error) {
 	for _, m := range []struct {
 		name string
 		dst  **ebpf.Map
-	}{{bpf.XdplbMapLbCt4, &ct.V4}, {bpf.XdplbMapLbCt6, &ct.V6}} {
+	}{{bpf.XdplbMapLbCt4, &ct.V4}, {bpf.XdplbMapLbCt6, &ct.V6}, {bpf.XdplbMapLbBackends, &ct.Backends},
+		{bpf.XdplbMapLbConfig, &ct.Config}} {
 		if *m.dst, err = ebpf.LoadPinnedMap(filepath.Join(dir, "maps", m.name), nil); err != nil {
 			prog.Close()
 			ct.Close()

@@ -17,7 +17,7 @@
 #include <linux/types.h>
 
 enum xlb_layout {
-	XLB_LAYOUT_VERSION = 3,
+	XLB_LAYOUT_VERSION = 4,
 };
 
 /* Slots of the counter arrays (lb_stats, dsr_stats): more than the
@@ -109,9 +109,10 @@ struct xlb_backend {
 	__u16 port;
 	__u8 family;
 	__u8 tunnel_family;
+	__u32 gen;       /* bumped when the id is given to another backend (conntrack entries hold its low 8 bits) */
 };
 
-/* A flow's 5-tuple: lb_ct6 key (IPv6 client -> VIP), dsr_revnat key
+/* A flow's 5-tuple: xdplb's parsed flow (client -> VIP), dsr_revnat key
  * (backend -> client, as the reply leaves). */
 struct xlb_flow {
 	__u32 src[4];
@@ -123,10 +124,8 @@ struct xlb_flow {
 	__u16 pad;
 };
 
-/* lb_ct4 key: an IPv4 flow (client -> VIP). 16 bytes instead of the 40 of
- * struct xlb_flow: the kernel hashes and compares the whole key on every
- * conntrack lookup and insert, and hashing 40 bytes was a third of the time
- * of an established flow's packet. */
+/* An IPv4 flow as one key: the kernel LRU hash's key of lb_ct4 up to map
+ * layout 3, kept for the benchmark's comparison (bench_lru_flow). */
 struct xlb_flow4 {
 	__u32 src;
 	__u32 dst;
@@ -144,17 +143,73 @@ enum xlb_action {
 	XLB_ACT_SNAT = 3,
 };
 
-/* lb_ct4 / lb_ct6 value. The backend is copied in, so an established flow keeps
- * going to it when the service's backends change, even if it is removed. */
+/* A flow's conntrack state as the program works with it: built from its
+ * lb_ct4 / lb_ct6 entry (struct xlb_ct_tail) and the backend's lb_backends
+ * entry, or from a new pick. */
 struct xlb_ct {
 	struct xlb_backend be;
 	__u32 svc_id;
-	__u32 be_id;     /* for lb_backend_stats */
+	__u32 be_id;     /* lb_backends / lb_backend_stats index (< 65536: maxBackends) */
 	__u16 snat_port; /* SNAT: the node port of this flow (network order) */
 	__u8 action;     /* enum xlb_action */
 	__u8 pad;
-	__u32 hash;      /* the flow hash: not recomputed for established flows */
-	__u32 gen;       /* service generation: the entry is stale unless lb_svc_gen[svc_id] == gen */
+	__u32 hash;      /* xlb_ct_hash (lib/ct.h): where the entry is, the flow's entropy */
+	__u32 gen;       /* service generation, low 24 bits: the entry is stale unless lb_svc_gen[svc_id]'s match */
+};
+
+/* The conntrack (lb_ct4, lb_ct6) is a set-associative table in an array
+ * map, shared by all CPUs: set (flow hash & (xlb_config.ct_sets - 1)) holds
+ * up to XLB_CT_WAYS flows, and a new flow whose set is full replaces the
+ * one seen least recently (counted, ct_evict). Entries do not expire: as in
+ * an LRU, a finished flow's stays until it is replaced. An entry names its
+ * backend by id and generation: an established flow keeps its backend when
+ * the service's backends change, even when it is removed, until the id is
+ * given to another backend (the agent hands out never-used ids first); then
+ * the entry is stale and the flow picked again.
+ *
+ * No locks: two CPUs may write one way at once. check covers the rest of
+ * the entry and the flow hash of its key, so an entry mixed from two
+ * writes (or half written while it is read) fails the check and is taken
+ * for a miss (counted, ct_torn). The reader checks a copy, never the entry
+ * in place. seen is outside the check: a lost update only changes which
+ * entry is replaced next. */
+enum xlb_ct_geometry {
+	XLB_CT_WAYS = 4,
+};
+
+struct xlb_ct_tail {
+	__u16 sport;     /* key (network order) */
+	__u16 dport;
+	__u8 proto;      /* key; 0: the way is empty */
+	__u8 action;     /* enum xlb_action */
+	__u16 snat_port; /* network order */
+	__u16 svc_id;
+	__u16 be_id;
+	__u32 gen;       /* low 24 bits: the service's generation; high 8: the backend's */
+	__u32 seen;      /* jiffies (low 32 bits) at the flow's last packet */
+	__u32 check;     /* xlb_ct_check(); 0: the way is empty */
+};
+
+struct xlb_ct_way4 {
+	__u32 src;
+	__u32 dst;
+	struct xlb_ct_tail t;
+};
+
+struct xlb_ct_way6 {
+	__u32 src[4];
+	__u32 dst[4];
+	struct xlb_ct_tail t;
+	__u32 pad[2];
+};
+
+/* lb_ct4 / lb_ct6 value: one set, 128 and 256 bytes (2 and 4 cache lines). */
+struct xlb_ct_set4 {
+	struct xlb_ct_way4 way[XLB_CT_WAYS];
+};
+
+struct xlb_ct_set6 {
+	struct xlb_ct_way6 way[XLB_CT_WAYS];
 };
 
 /* lb_snat key: a reply from a backend to the node address, as it arrives. */
@@ -207,6 +262,7 @@ struct xlb_config {
 	__u16 snat_lo;   /* SNAT node port range, host order, inclusive */
 	__u16 snat_hi;
 	__u32 flags;
+	__u32 ct_sets;   /* sets of lb_ct4 and of lb_ct6: a power of 2; 0 = no conntrack */
 };
 
 /* lb_meta[0] / dsr_meta[0]: describes the pinned maps. */
@@ -263,6 +319,8 @@ enum xlb_stat {
 	XLB_EV_FRAG_UNKNOWN,   /* later fragment to the node address without record: passed */
 	XLB_TX_TOO_BIG,        /* verdict: ICMP frag-needed / packet-too-big sent back to the client (encapsulated, its packet would exceed the device MTU) */
 	XLB_DROP_TOO_BIG,      /* verdict: IPv4 without DF that would exceed the device MTU once encapsulated (cannot be fragmented here) */
+	XLB_EV_CT_EVICT,       /* a new flow's entry replaced another flow's: its set was full */
+	XLB_EV_CT_TORN,        /* an entry failed its check (two CPUs wrote it at once): taken for a miss */
 	XLB_STAT_MAX,
 };
 

@@ -242,51 +242,71 @@ func (r *Replayer) Run(target *ebpf.Program, cpu int, rt bool, repeat int) (floa
 	return ns, err
 }
 
-// ctFloor is bpf/xdpbench.c's bench_ct_flow with its own bench_ct map: the
-// conntrack lookup and insert of xdplb alone.
+// ctFloor is bpf/xdpbench.c's conntrack alone: bench_ct_flow with its own
+// bench_ct table (xdplb's conntrack code and layout), or bench_lru_flow with
+// its own bench_lru map (the kernel's per-CPU LRU hash, xdplb's conntrack
+// before map layout 4).
 type ctFloor struct {
 	objs bpf.XdpbenchObjects
+	lru  bool
+	sets uint32
 }
 
-func loadCTFloor(conntrack string, flows int) (*ctFloor, error) {
+func loadCTFloor(lru bool, flows int) (*ctFloor, error) {
 	spec, err := bpf.LoadXdpbench()
 	if err != nil {
 		return nil, err
 	}
-	m := spec.Maps[bpf.XdpbenchMapBenchCt]
-	m.MaxEntries = uint32(flows)
-	if conntrack != "shared" {
-		m.Flags |= unix.BPF_F_NO_COMMON_LRU
+	f := &ctFloor{lru: lru, sets: xdp.CTSets(uint32(flows))}
+	spec.Maps[bpf.XdpbenchMapBenchCt].MaxEntries = f.sets
+	if err := spec.Variables[bpf.XdpbenchVarBenchCtSets].Set(f.sets); err != nil {
+		return nil, err
 	}
-	f := &ctFloor{}
+	m := spec.Maps[bpf.XdpbenchMapBenchLru]
+	m.MaxEntries = uint32(flows)
+	m.Flags |= unix.BPF_F_NO_COMMON_LRU
 	if err := spec.LoadAndAssign(&f.objs, nil); err != nil {
-		return nil, fmt.Errorf("load bench_ct_flow: %w", err)
+		return nil, fmt.Errorf("load the conntrack-alone programs: %w", err)
 	}
 	return f, nil
 }
 
 func (f *ctFloor) Close() { f.objs.Close() }
 
+// prog is the floor's program; m its map.
+func (f *ctFloor) prog() *ebpf.Program {
+	if f.lru {
+		return f.objs.BenchLruFlow
+	}
+	return f.objs.BenchCtFlow
+}
+
+func (f *ctFloor) m() *ebpf.Map {
+	if f.lru {
+		return f.objs.BenchLru
+	}
+	return f.objs.BenchCt
+}
+
 // Scenario keys of the per-packet part (XDPResult.PerPacket).
 const (
-	ppEmpty1      = "empty-1"      // empty program, one frame
-	ppGrow1       = "grow-1"       // bench_grow, one frame
-	ppEmptyFresh  = "empty-fresh"  // empty program, Calls frames in turn
-	ppEmptyMany   = "empty-many"   // empty program, Flows frames in turn
-	ppHot         = "hot"          // conntrack hit
-	ppCTHit       = "ct-hit"       // bench_ct_flow, established flow
-	ppMiss        = "miss"         // new flow, per-CPU LRU, no eviction
-	ppMissShared  = "miss-shared"  // new flow, shared LRU, no eviction
-	ppEvict       = "evict"        // new flow into a full per-CPU LRU
-	ppEvictShared = "evict-shared" // new flow into a full shared LRU
-	ppCTMiss      = "ct-miss"      // bench_ct_flow, new flow, no eviction
-	ppCTEvict     = "ct-evict"     // bench_ct_flow, new flow, full map
-	ppMany        = "many"         // Flows established flows in turn, per-CPU LRU
-	ppManyShared  = "many-shared"  // ... shared LRU
-	ppMiss2       = "miss2"        // new flows on 2 CPUs at once, per-CPU LRU
-	ppMiss2Shared = "miss2-shared" // ... shared LRU
-	ppMemBuckets  = "mem-buckets"  // dependent random load, area of the bucket array
-	ppMemAll      = "mem-all"      // ... area of buckets + entries
+	ppEmpty1     = "empty-1"     // empty program, one frame
+	ppGrow1      = "grow-1"      // bench_grow, one frame
+	ppEmptyFresh = "empty-fresh" // empty program, Calls frames in turn
+	ppEmptyMany  = "empty-many"  // empty program, Flows frames in turn
+	ppHot        = "hot"         // xdplb, conntrack hit
+	ppMiss       = "miss"        // xdplb, new flow, conntrack filling (no eviction)
+	ppEvict      = "evict"       // xdplb, new flow into a full conntrack
+	ppMany       = "many"        // xdplb, Flows established flows in turn
+	ppMiss2      = "miss2"       // xdplb, new flows on 2 CPUs at once
+	ppCTHit      = "ct-hit"      // conntrack alone (bench_ct_flow), established flow
+	ppCTMiss     = "ct-miss"     // ... new flow, table filling
+	ppCTEvict    = "ct-evict"    // ... new flow, full table
+	ppLRUHit     = "lru-hit"     // the kernel's LRU hash alone (bench_lru_flow), established flow
+	ppLRUMiss    = "lru-miss"    // ... new flow, no eviction
+	ppLRUEvict   = "lru-evict"   // ... new flow, full map
+	ppMemTable   = "mem-table"   // dependent random load, area of the conntrack table
+	ppMemLRU     = "mem-lru"     // ... area of an LRU hash of the same capacity (buckets + entries)
 )
 
 // XDPResult holds every measurement of RunXDP (one value per repetition).
@@ -296,10 +316,13 @@ type XDPResult struct {
 	PerPacket map[string][]float64
 	// Conntrack capacity of every load balancer measured, and what the
 	// full maps held before and after the runs with eviction.
-	Capacity                     int
-	FullBefore, FullAfter        map[string]int
-	PerCPUCapacity               int
-	MemBucketBytes, MemAllBytes  int
+	Capacity                   int
+	FullBefore, FullAfter      map[string]int
+	PerCPUCapacity             int // of the kernel LRU hash (per-CPU LRU lists)
+	MemTableBytes, MemLRUBytes int
+	// Evicted: conntrack entries replaced by new flows (ct_evict) in the
+	// xdplb runs meant not to evict (ppMiss, ppMiss2), and inserts.
+	Evicted, Inserted            map[string]uint64
 	Veth                         *VethResult
 	ThroughputSkipped            bool
 	Kernel, IPTablesVersion      string
@@ -374,19 +397,19 @@ func (s *frameSource) frames(n int) ([][]byte, error) {
 	return fs, nil
 }
 
-// fillCT fills the conntrack m (key struct xlb_flow4) from cpu with n
+// fillLRU fills the LRU hash m (key struct xlb_flow4) from cpu with n
 // entries of flows no frame uses, so that it is full: from then on every
 // insert on cpu evicts.
-func fillCT(m *ebpf.Map, cpu, n int) error {
+func fillLRU(m *ebpf.Map, cpu, n int) error {
 	return onCPU(cpu, false, func() error {
 		const chunk = 8192
 		for done := 0; done < n; done += chunk {
 			k := min(chunk, n-done)
-			keys := make([]bpf.XdplbXlbFlow4, k)
-			vals := make([]bpf.XdplbXlbCt, k)
+			keys := make([]bpf.XdpbenchXlbFlow4, k)
+			vals := make([]bpf.XdpbenchXlbCt, k)
 			for i := range keys {
 				a := uint32(100<<24|64<<16) + uint32(done+i) // 100.64.0.0/10, host order
-				keys[i] = bpf.XdplbXlbFlow4{Src: hostToNet32(a), Dst: hostToNet32(0x0a600001), Sport: hostToNet16(1), Dport: hostToNet16(53), Proto: 17}
+				keys[i] = bpf.XdpbenchXlbFlow4{Src: hostToNet32(a), Dst: hostToNet32(0x0a600001), Sport: hostToNet16(1), Dport: hostToNet16(53), Proto: 17}
 			}
 			if _, err := m.BatchUpdate(keys, vals, nil); err != nil {
 				return fmt.Errorf("fill %s: %w", m.String(), err)
@@ -394,6 +417,47 @@ func fillCT(m *ebpf.Map, cpu, n int) error {
 		}
 		return nil
 	})
+}
+
+// fillTable fills every way of the IPv4 conntrack table m (sets sets)
+// with valid entries of flows no frame uses (100.64.0.0/10 -> benchVIP),
+// each in one of its own two sets for the flow hash with seed: from then on
+// every insert evicts.
+func fillTable(m *ebpf.Map, sets, seed uint32) error {
+	table := make([]bpf.XdplbXlbCtSet4, sets)
+	free := int(sets) * xdp.CTWays
+	ct := bpf.XdplbXlbCt{Gen: 1}
+	dst := benchVIP
+	for i := 0; free > 0; i++ {
+		if i >= 64*int(sets)*xdp.CTWays {
+			return fmt.Errorf("fill %s: %d ways still empty after %d flows", m.String(), free, i)
+		}
+		a := uint32(100<<24|64<<16) + uint32(i&(1<<22-1))
+		src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{byte(a >> 24), byte(a >> 16), byte(a >> 8), byte(a)}), uint16(1+i>>22))
+		hash := xdp.CTFlowHash(mesh.UDP, src, dst, seed)
+		i1, i2 := xdp.CTSetsOf(hash, sets)
+	place:
+		for _, si := range []uint32{i1, i2} {
+			for w := range table[si].Way {
+				if table[si].Way[w].T.Check != 0 {
+					continue
+				}
+				ct.Hash = hash
+				table[si].Way[w] = bpf.XdplbXlbCtWay4{Src: xdp.FlowKey(mesh.UDP, src, dst).Src[0], Dst: xdp.FlowKey(mesh.UDP, src, dst).Dst[0],
+					T: xdp.CTTail(mesh.UDP, src, dst, hash, &ct, 0)}
+				free--
+				break place
+			}
+		}
+	}
+	keys := make([]uint32, sets)
+	for i := range keys {
+		keys[i] = uint32(i)
+	}
+	if _, err := m.BatchUpdate(keys, table, nil); err != nil {
+		return fmt.Errorf("fill %s: %w", m.String(), err)
+	}
+	return nil
 }
 
 // hostToNet32 and hostToNet16 give the value whose bytes in memory are v
@@ -406,14 +470,31 @@ func hostToNet16(v uint16) uint16 {
 	return binary.NativeEndian.Uint16(binary.BigEndian.AppendUint16(nil, v))
 }
 
-// countEntries counts the keys of m.
+// countEntries counts the keys of the LRU hash m (struct xlb_flow4).
 func countEntries(m *ebpf.Map) (int, error) {
-	var k bpf.XdplbXlbFlow4
+	var k bpf.XdpbenchXlbFlow4
 	var v []byte
 	n := 0
 	it := m.Iterate()
 	for it.Next(&k, &v) {
 		n++
+	}
+	return n, it.Err()
+}
+
+// countTable counts the valid-looking (nonzero check) ways of the IPv4
+// conntrack table m.
+func countTable(m *ebpf.Map) (int, error) {
+	var k uint32
+	var set bpf.XdplbXlbCtSet4
+	n := 0
+	it := m.Iterate()
+	for it.Next(&k, &set) {
+		for _, w := range set.Way {
+			if w.T.Check != 0 {
+				n++
+			}
+		}
 	}
 	return n, it.Err()
 }
@@ -430,11 +511,12 @@ func perCPUSum(m *ebpf.Map) (uint64, error) {
 	return s, nil
 }
 
-// ctCounters returns the load balancer's ct_new and ct_hit counters.
-func ctCounters(d *xdp.Datapath) (created, hit uint64, err error) {
+// ctCounters returns the load balancer's ct_new, ct_hit and ct_evict
+// counters.
+func ctCounters(d *xdp.Datapath) (created, hit, evicted uint64, err error) {
 	c, err := d.Counters()
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
 	for i, n := range xdp.StatNames {
 		switch n {
@@ -442,9 +524,11 @@ func ctCounters(d *xdp.Datapath) (created, hit uint64, err error) {
 			created = c[i]
 		case "ct_hit":
 			hit = c[i]
+		case "ct_evict":
+			evicted = c[i]
 		}
 	}
-	return created, hit, nil
+	return created, hit, evicted, nil
 }
 
 func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
@@ -456,51 +540,66 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 	res.Capacity, res.PerCPUCapacity = capacity, capacity/ncpu
 	res.PerPacket = map[string][]float64{}
 	res.FullBefore, res.FullAfter = map[string]int{}, map[string]int{}
+	res.Evicted, res.Inserted = map[string]uint64{}, map[string]uint64{}
 	other := otherCPU(o.CPU)
 
 	// Every load balancer has the default capacity; each kind of run has
-	// its own, so that those meant to insert without eviction never fill
-	// theirs (per-CPU LRU: each CPU holds capacity/CPUs) and those meant to
-	// evict start full.
+	// its own, so that those meant to insert into a filling conntrack
+	// never fill theirs and those meant to evict start full.
 	lbs := map[string]*xdp.Datapath{}
-	for _, name := range []string{"est", "est-shared", ppMiss, ppMissShared, ppEvict, ppEvictShared, ppMiss2, ppMiss2Shared} {
-		kind := "percpu"
-		if slices.Contains([]string{"est-shared", ppMissShared, ppEvictShared, ppMiss2Shared}, name) {
-			kind = "shared"
-		}
-		logf(o.Log, "loading xdplb (%s, %s LRU, %d flows)", name, kind, capacity)
-		d, err := loadBenchLB(kind, capacity)
+	for _, name := range []string{"est", ppMiss, ppEvict, ppMiss2} {
+		logf(o.Log, "loading xdplb (%s, %d flows)", name, capacity)
+		d, err := loadBenchLB("percpu", capacity)
 		if err != nil {
-			return fmt.Errorf("load xdplb (%s LRU): %w", kind, err)
+			return fmt.Errorf("load xdplb: %w", err)
 		}
 		defer d.Close()
 		lbs[name] = d
 	}
 	floors := map[string]*ctFloor{}
-	for _, name := range []string{ppCTMiss, ppCTEvict} {
-		f, err := loadCTFloor("percpu", capacity)
+	for _, name := range []string{ppCTMiss, ppCTEvict, ppLRUMiss, ppLRUEvict} {
+		f, err := loadCTFloor(name == ppLRUMiss || name == ppLRUEvict, capacity)
 		if err != nil {
 			return err
 		}
 		defer f.Close()
 		floors[name] = f
 	}
+	// The kernel's per-CPU LRU evicts once a CPU holds its share; the
+	// conntrack table is shared, and these stay under 40% of it.
 	if need := res.PerCPUCapacity; o.Reps*o.Calls > need || o.Flows > need {
 		return fmt.Errorf("%d reps × %d new flows or %d established flows do not fit the %d flows a CPU holds without eviction: lower --calls, --reps or --flows",
 			o.Reps, o.Calls, o.Flows, need)
 	}
-	// Full maps: more entries than they hold, inserted from the measuring
-	// CPU (a per-CPU LRU fills that CPU's part).
-	for name, m := range map[string]*ebpf.Map{ppEvict: lbs[ppEvict].Conntrack().V4, ppEvictShared: lbs[ppEvictShared].Conntrack().V4,
-		ppCTEvict: floors[ppCTEvict].objs.BenchCt} {
-		if err := fillCT(m, o.CPU, capacity+capacity/8); err != nil {
-			return err
+	// Full maps: every way of the tables, more entries than the LRU hash
+	// holds, inserted from the measuring CPU (which fills that CPU's part).
+	if err := fillTable(lbs[ppEvict].Conntrack().V4, lbs[ppEvict].Conntrack().V4.MaxEntries(),
+		lbs[ppEvict].Params().Seed.DatapathSeed()); err != nil {
+		return err
+	}
+	if err := fillTable(floors[ppCTEvict].m(), floors[ppCTEvict].sets, 0); err != nil {
+		return err
+	}
+	if err := fillLRU(floors[ppLRUEvict].m(), o.CPU, capacity+capacity/8); err != nil {
+		return err
+	}
+	full := func() (map[string]int, error) {
+		out := map[string]int{}
+		for name, m := range map[string]*ebpf.Map{ppEvict: lbs[ppEvict].Conntrack().V4, ppCTEvict: floors[ppCTEvict].m(), ppLRUEvict: floors[ppLRUEvict].m()} {
+			count := countTable
+			if name == ppLRUEvict {
+				count = countEntries
+			}
+			n, err := count(m)
+			if err != nil {
+				return nil, err
+			}
+			out[name] = n
 		}
-		n, err := countEntries(m)
-		if err != nil {
-			return err
-		}
-		res.FullBefore[name] = n
+		return out, nil
+	}
+	if res.FullBefore, err = full(); err != nil {
+		return err
 	}
 
 	rp, err := NewReplayer(o.Flows + 2*o.Calls)
@@ -517,20 +616,29 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 	if err := rp.Load(0, many); err != nil {
 		return err
 	}
-	for _, name := range []string{"est", "est-shared"} {
-		if err := rp.Position(map[int][2]int{o.CPU: {0, o.Flows}}); err != nil {
-			return err
-		}
-		if _, err := rp.Run(lbs[name].Program(), o.CPU, false, o.Flows); err != nil {
-			return err
-		}
+	if err := rp.Position(map[int][2]int{o.CPU: {0, o.Flows}}); err != nil {
+		return err
 	}
-	// The conntrack-alone program's established flow: frame 0.
+	if _, err := rp.Run(lbs["est"].Program(), o.CPU, false, o.Flows); err != nil {
+		return err
+	}
+	// Their packets come back in another order than they started in: an
+	// LRU hash's entries are handed out in insert order, and visiting them
+	// in that order would read its memory in sequence, which no traffic
+	// does.
+	shuffled := slices.Clone(many)
+	rand.New(rand.NewPCG(uint64(o.Flows), 1)).Shuffle(len(shuffled), func(i, j int) { shuffled[i], shuffled[j] = shuffled[j], shuffled[i] })
+	if err := rp.Load(0, shuffled); err != nil {
+		return err
+	}
+	// The conntrack-alone programs' established flow: frame 0.
 	if err := rp.Position(map[int][2]int{o.CPU: {0, 1}}); err != nil {
 		return err
 	}
-	if _, err := rp.Run(floors[ppCTMiss].objs.BenchCtFlow, o.CPU, false, 1); err != nil {
-		return err
+	for _, name := range []string{ppCTMiss, ppLRUMiss} {
+		if _, err := rp.Run(floors[name].prog(), o.CPU, false, 1); err != nil {
+			return err
+		}
 	}
 
 	type step struct {
@@ -542,6 +650,7 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 		n      int
 		repeat int
 		fresh  bool
+		evicts bool // every new flow evicts (checked for xdplb)
 	}
 	const hotRepeat = 200000
 	fresh := o.Flows // frames [fresh, fresh+Calls) are the new flows of a run
@@ -551,24 +660,25 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 		{key: ppEmptyFresh, prog: lbs["est"].PassProgram(), base: fresh, n: o.Calls, repeat: o.Calls, fresh: true},
 		{key: ppEmptyMany, prog: lbs["est"].PassProgram(), n: o.Flows, repeat: 2 * o.Flows},
 		{key: ppHot, prog: lbs["est"].Program(), lb: lbs["est"], n: 1, repeat: hotRepeat},
-		{key: ppCTHit, prog: floors[ppCTMiss].objs.BenchCtFlow, n: 1, repeat: hotRepeat},
 		{key: ppMiss, prog: lbs[ppMiss].Program(), lb: lbs[ppMiss], base: fresh, n: o.Calls, repeat: o.Calls, fresh: true},
-		{key: ppMissShared, prog: lbs[ppMissShared].Program(), lb: lbs[ppMissShared], base: fresh, n: o.Calls, repeat: o.Calls, fresh: true},
-		{key: ppEvict, prog: lbs[ppEvict].Program(), lb: lbs[ppEvict], base: fresh, n: o.Calls, repeat: o.Calls, fresh: true},
-		{key: ppEvictShared, prog: lbs[ppEvictShared].Program(), lb: lbs[ppEvictShared], base: fresh, n: o.Calls, repeat: o.Calls, fresh: true},
-		{key: ppCTMiss, prog: floors[ppCTMiss].objs.BenchCtFlow, floor: floors[ppCTMiss], base: fresh, n: o.Calls, repeat: o.Calls, fresh: true},
-		{key: ppCTEvict, prog: floors[ppCTEvict].objs.BenchCtFlow, floor: floors[ppCTEvict], base: fresh, n: o.Calls, repeat: o.Calls, fresh: true},
+		{key: ppEvict, prog: lbs[ppEvict].Program(), lb: lbs[ppEvict], base: fresh, n: o.Calls, repeat: o.Calls, fresh: true, evicts: true},
 		{key: ppMany, prog: lbs["est"].Program(), lb: lbs["est"], n: o.Flows, repeat: 2 * o.Flows},
-		{key: ppManyShared, prog: lbs["est-shared"].Program(), lb: lbs["est-shared"], n: o.Flows, repeat: 2 * o.Flows},
-		{key: ppMemBuckets},
-		{key: ppMemAll},
+		{key: ppCTHit, prog: floors[ppCTMiss].prog(), n: 1, repeat: hotRepeat},
+		{key: ppCTMiss, prog: floors[ppCTMiss].prog(), floor: floors[ppCTMiss], base: fresh, n: o.Calls, repeat: o.Calls, fresh: true},
+		{key: ppCTEvict, prog: floors[ppCTEvict].prog(), floor: floors[ppCTEvict], base: fresh, n: o.Calls, repeat: o.Calls, fresh: true},
+		{key: ppLRUHit, prog: floors[ppLRUMiss].prog(), n: 1, repeat: hotRepeat},
+		{key: ppLRUMiss, prog: floors[ppLRUMiss].prog(), floor: floors[ppLRUMiss], base: fresh, n: o.Calls, repeat: o.Calls, fresh: true},
+		{key: ppLRUEvict, prog: floors[ppLRUEvict].prog(), floor: floors[ppLRUEvict], base: fresh, n: o.Calls, repeat: o.Calls, fresh: true},
+		{key: ppMemTable},
+		{key: ppMemLRU},
 	}
-	// The memory latency references: areas the size of the conntrack's
-	// bucket array and of the whole map (buckets + preallocated entries).
-	res.MemBucketBytes = capacity * 16
-	res.MemAllBytes = res.MemBucketBytes + capacity*htabEntryBytes
+	// The memory latency references: areas the size of the IPv4 conntrack
+	// table and of a kernel LRU hash of the same capacity (buckets +
+	// preallocated entries).
+	res.MemTableBytes = int(xdp.CTSets(uint32(capacity))) * int(unsafe.Sizeof(bpf.XdplbXlbCtSet4{}))
+	res.MemLRUBytes = capacity*16 + capacity*htabEntryBytes
 	mem := map[string]*chase{}
-	for key, size := range map[string]int{ppMemBuckets: res.MemBucketBytes, ppMemAll: res.MemAllBytes} {
+	for key, size := range map[string]int{ppMemTable: res.MemTableBytes, ppMemLRU: res.MemLRUBytes} {
 		c, err := newChase(size)
 		if err != nil {
 			return err
@@ -603,7 +713,7 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 			if err := rp.Position(map[int][2]int{o.CPU: {s.base, s.n}}); err != nil {
 				return err
 			}
-			created0, hit0, err := stepCounters(s.lb, s.floor)
+			created0, hit0, evict0, err := stepCounters(s.lb, s.floor)
 			if err != nil {
 				return err
 			}
@@ -611,7 +721,7 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 			if err != nil {
 				return err
 			}
-			created1, hit1, err := stepCounters(s.lb, s.floor)
+			created1, hit1, evict1, err := stepCounters(s.lb, s.floor)
 			if err != nil {
 				return err
 			}
@@ -623,71 +733,74 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 					wantNew, wantHit = uint64(s.repeat), 0
 				}
 				if s.floor != nil {
-					wantHit = 0 // bench_ct_flow counts inserts only
+					wantHit = 0 // the conntrack-alone programs count inserts only
 				}
 				if created1-created0 != wantNew || hit1-hit0 != wantHit {
 					return fmt.Errorf("%s: %d conntrack entries created and %d used in %d runs (want %d and %d): the benchmark did not measure what it says",
 						s.key, created1-created0, hit1-hit0, s.repeat, wantNew, wantHit)
 				}
 			}
+			if s.evicts && evict1-evict0 != uint64(s.repeat) {
+				return fmt.Errorf("%s: %d of %d new flows evicted an entry (want all): the benchmark did not measure what it says", s.key, evict1-evict0, s.repeat)
+			}
+			if s.lb != nil && s.fresh {
+				res.Evicted[s.key] += evict1 - evict0
+				res.Inserted[s.key] += created1 - created0
+			}
 			res.PerPacket[s.key] = append(res.PerPacket[s.key], v)
 		}
-		// New flows on two CPUs at once: where a shared LRU list contends.
-		for _, key := range rotateSlice([]string{ppMiss2, ppMiss2Shared}, rep) {
-			fa, err := src.frames(o.Calls)
-			if err != nil {
-				return err
-			}
-			fb, err := src.frames(o.Calls)
-			if err != nil {
-				return err
-			}
-			if err := rp.Load(fresh, fa); err != nil {
-				return err
-			}
-			if err := rp.Load(fresh+o.Calls, fb); err != nil {
-				return err
-			}
-			if err := rp.Position(map[int][2]int{o.CPU: {fresh, o.Calls}, other: {fresh + o.Calls, o.Calls}}); err != nil {
-				return err
-			}
-			created0, _, err := ctCounters(lbs[key])
-			if err != nil {
-				return err
-			}
-			var wg sync.WaitGroup
-			var va, vb float64
-			var ea, eb error
-			wg.Add(2)
-			go func() {
-				defer wg.Done()
-				va, ea = rp.Run(lbs[key].Program(), o.CPU, o.Realtime, o.Calls)
-			}()
-			go func() {
-				defer wg.Done()
-				vb, eb = rp.Run(lbs[key].Program(), other, o.Realtime, o.Calls)
-			}()
-			wg.Wait()
-			if err := errors.Join(ea, eb); err != nil {
-				return err
-			}
-			created1, _, err := ctCounters(lbs[key])
-			if err != nil {
-				return err
-			}
-			if created1-created0 != uint64(2*o.Calls) {
-				return fmt.Errorf("%s: %d conntrack entries created for %d new flows", key, created1-created0, 2*o.Calls)
-			}
-			res.PerPacket[key] = append(res.PerPacket[key], (va+vb)/2)
-		}
-	}
-	for name, m := range map[string]*ebpf.Map{ppEvict: lbs[ppEvict].Conntrack().V4, ppEvictShared: lbs[ppEvictShared].Conntrack().V4,
-		ppCTEvict: floors[ppCTEvict].objs.BenchCt} {
-		n, err := countEntries(m)
+		// New flows on two CPUs at once: where writers of one table meet.
+		fa, err := src.frames(o.Calls)
 		if err != nil {
 			return err
 		}
-		res.FullAfter[name] = n
+		fb, err := src.frames(o.Calls)
+		if err != nil {
+			return err
+		}
+		if err := rp.Load(fresh, fa); err != nil {
+			return err
+		}
+		if err := rp.Load(fresh+o.Calls, fb); err != nil {
+			return err
+		}
+		if err := rp.Position(map[int][2]int{o.CPU: {fresh, o.Calls}, other: {fresh + o.Calls, o.Calls}}); err != nil {
+			return err
+		}
+		d2 := lbs[ppMiss2]
+		created0, _, evict0, err := ctCounters(d2)
+		if err != nil {
+			return err
+		}
+		var wg sync.WaitGroup
+		var va, vb float64
+		var ea, eb error
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			va, ea = rp.Run(d2.Program(), o.CPU, o.Realtime, o.Calls)
+		}()
+		go func() {
+			defer wg.Done()
+			vb, eb = rp.Run(d2.Program(), other, o.Realtime, o.Calls)
+		}()
+		wg.Wait()
+		if err := errors.Join(ea, eb); err != nil {
+			return err
+		}
+		created1, _, evict1, err := ctCounters(d2)
+		if err != nil {
+			return err
+		}
+		if created1-created0 != uint64(2*o.Calls) {
+			return fmt.Errorf("%s: %d conntrack entries created for %d new flows", ppMiss2, created1-created0, 2*o.Calls)
+		}
+		res.Evicted[ppMiss2] += evict1 - evict0
+		res.Inserted[ppMiss2] += created1 - created0
+		res.PerPacket[ppMiss2] = append(res.PerPacket[ppMiss2], (va+vb)/2)
+	}
+	if res.FullAfter, err = full(); err != nil {
+		return err
 	}
 	// Every run must have been load-balanced.
 	for k, d := range lbs {
@@ -696,7 +809,7 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 			return err
 		}
 		for i, n := range xdp.StatNames {
-			if c[i] != 0 && n != "tx_ipip" && n != "ct_hit" && n != "ct_new" {
+			if c[i] != 0 && n != "tx_ipip" && n != "ct_hit" && n != "ct_new" && n != "ct_evict" {
 				return fmt.Errorf("load balancer %s counted %s %d times: the benchmark did not measure what it says", k, n, c[i])
 			}
 		}
@@ -704,17 +817,17 @@ func measurePerPacket(ctx context.Context, o XDPOptions, res *XDPResult) error {
 	return nil
 }
 
-// stepCounters reads what tells a run's flows apart: ct_new and ct_hit of
-// a load balancer, the inserts of a conntrack-alone program.
-func stepCounters(d *xdp.Datapath, f *ctFloor) (created, hit uint64, err error) {
+// stepCounters reads what tells a run's flows apart: ct_new, ct_hit and
+// ct_evict of a load balancer, the inserts of a conntrack-alone program.
+func stepCounters(d *xdp.Datapath, f *ctFloor) (created, hit, evicted uint64, err error) {
 	switch {
 	case d != nil:
 		return ctCounters(d)
 	case f != nil:
 		created, err = perCPUSum(f.objs.BenchCount)
-		return created, 0, err
+		return created, 0, 0, err
 	}
-	return 0, 0, nil
+	return 0, 0, 0, nil
 }
 
 func rotateSlice[T any](s []T, n int) []T {
@@ -722,10 +835,10 @@ func rotateSlice[T any](s []T, n int) []T {
 	return append(slices.Clone(s[n:]), s[:n]...)
 }
 
-// htabEntryBytes is the size of one preallocated lb_ct4 entry in the
-// kernel: struct htab_elem (48 bytes on 64-bit) + key (16) + value (56,
-// struct xlb_ct), each rounded up to 8.
-var htabEntryBytes = 48 + roundUp8(int(unsafe.Sizeof(bpf.XdplbXlbFlow4{}))) + roundUp8(int(unsafe.Sizeof(bpf.XdplbXlbCt{})))
+// htabEntryBytes is the size of one preallocated entry of bench_lru (the
+// former lb_ct4) in the kernel: struct htab_elem (48 bytes on 64-bit) +
+// key (16) + value (56, struct xlb_ct), each rounded up to 8.
+var htabEntryBytes = 48 + roundUp8(int(unsafe.Sizeof(bpf.XdpbenchXlbFlow4{}))) + roundUp8(int(unsafe.Sizeof(bpf.XdpbenchXlbCt{})))
 
 func roundUp8(n int) int { return (n + 7) &^ 7 }
 
@@ -787,13 +900,13 @@ func (r XDPResult) NetNs(key string) float64 {
 	switch key {
 	case ppHot:
 		base, grows = ppEmpty1, true
-	case ppCTHit:
+	case ppCTHit, ppLRUHit:
 		base = ppEmpty1
-	case ppMiss, ppMissShared, ppEvict, ppEvictShared, ppMiss2, ppMiss2Shared:
+	case ppMiss, ppEvict, ppMiss2:
 		base, grows = ppEmptyFresh, true
-	case ppCTMiss, ppCTEvict:
+	case ppCTMiss, ppCTEvict, ppLRUMiss, ppLRUEvict:
 		base = ppEmptyFresh
-	case ppMany, ppManyShared:
+	case ppMany:
 		base, grows = ppEmptyMany, true
 	default:
 		return Median(r.PerPacket[key])
@@ -830,8 +943,9 @@ func XDPReport(r XDPResult, markdown bool) string {
 		fmt.Fprintf(&b, "XDP load balancer, kernel %s, CPU %d, %d reps, %d new flows per new-flow run, %d established flows, SCHED_FIFO %v\n",
 			r.Kernel, r.CPU, r.Reps, r.Calls, r.Flows, r.Realtime)
 		fmt.Fprintf(&b, "load average before %s, after %s\n", r.LoadBefore, r.LoadAfter)
-		fmt.Fprintf(&b, "conntrack of every load balancer: %d flows (per-CPU LRU: %d per CPU); full maps held %v before, %v after\n\n",
-			r.Capacity, r.PerCPUCapacity, r.FullBefore, r.FullAfter)
+		fmt.Fprintf(&b, "conntrack of every load balancer: %d flows (the kernel LRU's per-CPU lists: %d per CPU); full maps held %v before, %v after;\n"+
+			"new flows that evicted an entry in the runs meant not to (of inserted): %v of %v\n\n",
+			r.Capacity, r.PerCPUCapacity, r.FullBefore, r.FullAfter, r.Evicted, r.Inserted)
 	}
 	type row struct{ key, label string }
 	rows := []row{
@@ -840,25 +954,24 @@ func XDPReport(r XDPResult, markdown bool) string {
 		{ppEmptyFresh, fmt.Sprintf("empty program, %d frames in turn", r.Calls)},
 		{ppEmptyMany, fmt.Sprintf("empty program, %d frames in turn", r.Flows)},
 		{ppHot, "hot flow (conntrack hit, IPIP)"},
-		{ppCTHit, "conntrack alone: lookup, hit"},
-		{ppMiss, "new flow: conntrack miss + Maglev + insert, per-CPU LRU, no eviction"},
-		{ppMissShared, "new flow, shared LRU, no eviction"},
-		{ppEvict, "new flow into a full conntrack (LRU eviction), per-CPU LRU"},
-		{ppEvictShared, "new flow into a full conntrack (LRU eviction), shared LRU"},
-		{ppCTMiss, "conntrack alone: lookup miss + insert, no eviction"},
-		{ppCTEvict, "conntrack alone: lookup miss + insert, full (eviction)"},
-		{ppMany, fmt.Sprintf("%d established flows in turn, per-CPU LRU", r.Flows)},
-		{ppManyShared, fmt.Sprintf("%d established flows in turn, shared LRU", r.Flows)},
-		{ppMiss2, "new flows on 2 CPUs at once, per-CPU LRU, no eviction"},
-		{ppMiss2Shared, "new flows on 2 CPUs at once, shared LRU, no eviction"},
-		{ppMemBuckets, fmt.Sprintf("reference: one random memory access in %.0f MiB (the conntrack's buckets)", float64(r.MemBucketBytes)/(1<<20))},
-		{ppMemAll, fmt.Sprintf("reference: one random memory access in %.0f MiB (buckets + entries)", float64(r.MemAllBytes)/(1<<20))},
+		{ppMiss, "new flow: conntrack miss + Maglev + insert, conntrack filling"},
+		{ppEvict, "new flow into a full conntrack (eviction)"},
+		{ppMany, fmt.Sprintf("%d established flows in turn", r.Flows)},
+		{ppMiss2, "new flows on 2 CPUs at once, conntrack filling"},
+		{ppCTHit, "conntrack alone (Shunt's table): lookup, hit"},
+		{ppCTMiss, "conntrack alone (Shunt's table): lookup miss + insert, filling"},
+		{ppCTEvict, "conntrack alone (Shunt's table): lookup miss + insert, full (eviction)"},
+		{ppLRUHit, "the kernel's LRU hash alone (per-CPU lists): lookup, hit"},
+		{ppLRUMiss, "the kernel's LRU hash alone: lookup miss + insert, no eviction"},
+		{ppLRUEvict, "the kernel's LRU hash alone: lookup miss + insert, full (eviction)"},
+		{ppMemTable, fmt.Sprintf("reference: one random memory access in %.0f MiB (the IPv4 conntrack table)", float64(r.MemTableBytes)/(1<<20))},
+		{ppMemLRU, fmt.Sprintf("reference: one random memory access in %.0f MiB (an LRU hash as large: buckets + entries)", float64(r.MemLRUBytes)/(1<<20))},
 	}
 	var body [][]string
 	for _, rw := range rows {
 		net := "—"
 		switch rw.key {
-		case ppEmpty1, ppGrow1, ppEmptyFresh, ppEmptyMany, ppMemBuckets, ppMemAll:
+		case ppEmpty1, ppGrow1, ppEmptyFresh, ppEmptyMany, ppMemTable, ppMemLRU:
 		default:
 			net = fmt.Sprintf("**%.0f**", r.NetNs(rw.key))
 		}
@@ -913,7 +1026,7 @@ func XDPReport(r XDPResult, markdown bool) string {
 	}
 	if !markdown {
 		b.WriteString("\nTargets: hot flow ≤ 40 ns " + verdict(r.NetNs(ppHot) <= TargetHotNs) +
-			", new flow ≤ 120 ns " + verdict(r.NetNs(ppMiss) <= TargetMissNs) + " (no eviction; with eviction " +
+			", new flow ≤ 120 ns " + verdict(r.NetNs(ppMiss) <= TargetMissNs) + " (conntrack filling; full, with eviction " +
 			verdict(r.NetNs(ppEvict) <= TargetMissNs) + ")")
 		if v := r.Veth; v != nil {
 			one := v.OneCPU

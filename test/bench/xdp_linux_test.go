@@ -29,15 +29,15 @@ func TestXDPBenchQuick(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, key := range []string{ppEmpty1, ppGrow1, ppEmptyFresh, ppEmptyMany, ppHot, ppCTHit, ppMiss, ppMissShared, ppEvict, ppEvictShared,
-		ppCTMiss, ppCTEvict, ppMany, ppManyShared, ppMiss2, ppMiss2Shared, ppMemBuckets, ppMemAll} {
+	for _, key := range []string{ppEmpty1, ppGrow1, ppEmptyFresh, ppEmptyMany, ppHot, ppMiss, ppEvict, ppMany, ppMiss2,
+		ppCTHit, ppCTMiss, ppCTEvict, ppLRUHit, ppLRUMiss, ppLRUEvict, ppMemTable, ppMemLRU} {
 		if xs := res.PerPacket[key]; len(xs) != o.Reps || xs[0] <= 0 {
 			t.Errorf("%s: %v, want %d positive values", key, xs, o.Reps)
 		}
 	}
-	// Full before the runs (a per-CPU LRU filled from one CPU holds that
-	// CPU's share), and still full after them.
-	for name, full := range map[string]int{ppEvict: res.PerCPUCapacity, ppCTEvict: res.PerCPUCapacity, ppEvictShared: res.Capacity} {
+	// Full before the runs (the conntrack tables: every way; the per-CPU
+	// LRU filled from one CPU: that CPU's share), and still full after.
+	for name, full := range map[string]int{ppEvict: res.Capacity, ppCTEvict: res.Capacity, ppLRUEvict: res.PerCPUCapacity} {
 		before, ok := res.FullBefore[name]
 		after, ok2 := res.FullAfter[name]
 		if !ok || !ok2 || before < full*9/10 || after < before*9/10 {
@@ -58,7 +58,7 @@ func TestXDPBenchQuick(t *testing.T) {
 		t.Errorf("xdplb forwarded %d packets by IPIP; other verdicts: %v", v.LBPackets, v.LBOther)
 	}
 	report := XDPReport(res, false)
-	for _, want := range []string{"hot flow", "LRU eviction", "conntrack alone", "through veth, one CPU", "through veth, DUT on its own CPU", "Targets:"} {
+	for _, want := range []string{"hot flow", "full conntrack (eviction)", "conntrack alone", "the kernel's LRU hash alone", "through veth, one CPU", "through veth, DUT on its own CPU", "Targets:"} {
 		if !strings.Contains(report, want) {
 			t.Errorf("report lacks %q:\n%s", want, report)
 		}

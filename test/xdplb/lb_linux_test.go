@@ -89,7 +89,8 @@ func newLB(t testing.TB, svcs []xdp.Service) *xdp.Datapath {
 }
 
 // model is the Go side's independent expectation: Maglev tables from
-// mesh/maglev and flow hashes from maglev.FlowHash.
+// mesh/maglev, slots from maglev.FlowHash and the flows' entropy from
+// xdp.CTFlowHash.
 type model struct {
 	seed maglev.Seed
 	svcs map[string]xdp.Service
@@ -121,9 +122,10 @@ func ipProtoNum(udp bool) uint8 {
 	return 6
 }
 
-// hash is the flow hash of src -> dst.
+// hash is the conntrack hash of src -> dst: its entropy (encapsulation,
+// SNAT port).
 func (m *model) hash(src, dst netip.AddrPort, udp bool) uint32 {
-	return maglev.FlowHash(maglev.NewTuple(src, dst, ipProtoNum(udp)), m.seed.DatapathSeed())
+	return xdp.CTFlowHash(proto(udp), src, dst, m.seed.DatapathSeed())
 }
 
 // pick is the backend Maglev gives the flow src -> dst (a frontend).

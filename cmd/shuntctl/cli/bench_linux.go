@@ -30,8 +30,8 @@ const benchUsage = `usage:
       (workloads: rr<size>[x<conns>] request/response, stream[<size>]; sizes take a k suffix)
   shuntctl bench xdp [--reps 5] [--calls 20000] [--flows 100000] [--duration 2s] [--cpu N] [--batch 64]
                      [--no-throughput] [--realtime=true] [--markdown]
-      XDP load balancer: ns/packet via BPF_PROG_TEST_RUN (hot flow, new flow with and without
-      LRU eviction, many flows; per-CPU vs shared LRU; the conntrack alone; memory latency),
+      XDP load balancer: ns/packet via BPF_PROG_TEST_RUN (hot flow, new flow into a filling and
+      a full conntrack, many flows; the conntrack alone beside the kernel's LRU hash; memory latency),
       Mpps through veth vs kernel forwarding + iptables DNAT with the device under test on its
       own CPU and each stage's CPU time per packet
   shuntctl bench xds [--services 3000] [--backends 30] [--clients 100] [--changes 100] [--reps 5]
