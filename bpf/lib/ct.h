@@ -6,9 +6,9 @@
  *
  * The caller looks the two sets up (each map's lookups at call sites of
  * their own, so the verifier inlines them) and passes the flow's
- * xlb_ct_hash: it picks the sets and seeds the check. The functions that walk the
- * ways are global (verified once, on their own): inlined, their branches
- * multiplied the verifier's states past its limit.
+ * xlb_ct_hash: it picks the sets and seeds the check. The writers (ct_put*,
+ * ct_clear*) are global functions (verified once, on their own): inlined,
+ * their branches multiplied the verifier's states past its limit.
  */
 #ifndef SHUNT_CT_H
 #define SHUNT_CT_H
@@ -136,19 +136,19 @@ static __always_inline int ct_key6(const struct xlb_ct_way6 *w, const struct xlb
 	       addr6_eq(w->dst, f->dst);
 }
 
-/* CT_MISS / CT_TORN: ct_find4 / ct_find6 found no valid entry; CT_TORN:
- * and a way with the flow's key failed its check (mixed from two writes). */
 /* The service generation's bits in xlb_ct_tail.gen (the backend's above). */
 #define XLB_CT_GEN_MASK 0xffffff
 
+/* CT_MISS / CT_TORN: ct_find4 / ct_find6 found no valid entry; CT_TORN:
+ * and a way with the flow's key failed its check (mixed from two writes). */
 #define CT_MISS -1
 #define CT_TORN -2
 
 /* ct_find4 / ct_find6 return the way (0..7: set s1's, then s2's) holding
  * flow f with a valid entry (hash: its xlb_ct_hash), its tail copied to *t,
  * or CT_MISS / CT_TORN. */
-static __always_inline int ct_find4(struct xlb_ct_set4 *s1, struct xlb_ct_set4 *s2, const struct xlb_flow *f, __u32 hash,
-			struct xlb_ct_tail *t)
+static __always_inline int ct_find4(struct xlb_ct_set4 *s1, struct xlb_ct_set4 *s2, const struct xlb_flow *f,
+					__u32 hash, struct xlb_ct_tail *t)
 {
 	int ret = CT_MISS;
 
@@ -167,8 +167,8 @@ static __always_inline int ct_find4(struct xlb_ct_set4 *s1, struct xlb_ct_set4 *
 	return ret;
 }
 
-static __always_inline int ct_find6(struct xlb_ct_set6 *s1, struct xlb_ct_set6 *s2, const struct xlb_flow *f, __u32 hash,
-			struct xlb_ct_tail *t)
+static __always_inline int ct_find6(struct xlb_ct_set6 *s1, struct xlb_ct_set6 *s2, const struct xlb_flow *f,
+					__u32 hash, struct xlb_ct_tail *t)
 {
 	int ret = CT_MISS;
 
