@@ -301,23 +301,33 @@ static __always_inline void be_count(__u32 id, __u32 bytes, int new_flow)
  * when every path to a call site passes the same map. */
 #define ct_keep_apart(v) asm volatile("" : "+r"(v))
 
+/* CT_SETS looks up the two sets of the flow whose xlb_ct_hash is hash in
+ * map (a conntrack table of cfg's size): a macro, so each use is a call
+ * site of its own map. */
+#define CT_SETS(map, cfg, hash, s1, s2)                                        \
+	do {                                                                   \
+		__u32 m_ = (cfg)->ct_sets - 1, i1_ = (hash) & m_, i2_ = ct_set2(hash) & m_; \
+		s1 = bpf_map_lookup_elem(&(map), &i1_);                        \
+		s2 = bpf_map_lookup_elem(&(map), &i2_);                        \
+		ct_keep_apart(s1);                                             \
+		ct_keep_apart(s2);                                             \
+	} while (0)
+
 /* ct_get fills ct from the flow's valid entry and its backend; -1: none.
  * The caller checks the service generation (ct_live). */
 static __always_inline int ct_get(const struct xlb_config *cfg, const struct xlb_flow *f, __u32 hash, struct xlb_ct *ct)
 {
 	struct xlb_ct_tail t;
 	struct xlb_backend *be;
-	__u32 mask = cfg->ct_sets - 1, i1 = hash & mask, i2 = ct_set2(hash) & mask, be_id;
+	__u32 be_id;
 	int way;
 
 	if (!cfg->ct_sets)
 		return -1;
 	if (f->family == XLB_AF_INET) {
-		struct xlb_ct_set4 *s1 = bpf_map_lookup_elem(&lb_ct4, &i1);
-		struct xlb_ct_set4 *s2 = bpf_map_lookup_elem(&lb_ct4, &i2);
+		struct xlb_ct_set4 *s1, *s2;
 
-		ct_keep_apart(s1);
-		ct_keep_apart(s2);
+		CT_SETS(lb_ct4, cfg, hash, s1, s2);
 		if (!s1 || !s2)
 			return -1;
 		way = ct_find4(s1, s2, f, hash, &t);
@@ -325,9 +335,9 @@ static __always_inline int ct_get(const struct xlb_config *cfg, const struct xlb
 			ct_touch(way < XLB_CT_WAYS ? &s1->way[way & (XLB_CT_WAYS - 1)].t
 						   : &s2->way[way & (XLB_CT_WAYS - 1)].t, ct_now());
 	} else {
-		struct xlb_ct_set6 *s1 = bpf_map_lookup_elem(&lb_ct6, &i1);
-		struct xlb_ct_set6 *s2 = bpf_map_lookup_elem(&lb_ct6, &i2);
+		struct xlb_ct_set6 *s1, *s2;
 
+		CT_SETS(lb_ct6, cfg, hash, s1, s2);
 		if (!s1 || !s2)
 			return -1;
 		way = ct_find6(s1, s2, f, hash, &t);
@@ -366,24 +376,21 @@ static __always_inline int ct_live(const struct xlb_ct *ct)
 /* ct_set writes ct (ct->hash: the flow's xlb_ct_hash) as its entry. */
 static __always_inline void ct_set(const struct xlb_config *cfg, const struct xlb_flow *f, const struct xlb_ct *ct)
 {
-	__u32 mask = cfg->ct_sets - 1, i1 = ct->hash & mask, i2 = ct_set2(ct->hash) & mask;
 	int evict;
 
 	if (!cfg->ct_sets)
 		return;
 	if (f->family == XLB_AF_INET) {
-		struct xlb_ct_set4 *s1 = bpf_map_lookup_elem(&lb_ct4, &i1);
-		struct xlb_ct_set4 *s2 = bpf_map_lookup_elem(&lb_ct4, &i2);
+		struct xlb_ct_set4 *s1, *s2;
 
-		ct_keep_apart(s1);
-		ct_keep_apart(s2);
+		CT_SETS(lb_ct4, cfg, ct->hash, s1, s2);
 		if (!s1 || !s2)
 			return;
 		evict = ct_put4(s1, s2, f, ct);
 	} else {
-		struct xlb_ct_set6 *s1 = bpf_map_lookup_elem(&lb_ct6, &i1);
-		struct xlb_ct_set6 *s2 = bpf_map_lookup_elem(&lb_ct6, &i2);
+		struct xlb_ct_set6 *s1, *s2;
 
+		CT_SETS(lb_ct6, cfg, ct->hash, s1, s2);
 		if (!s1 || !s2)
 			return;
 		evict = ct_put6(s1, s2, f, ct);
@@ -395,22 +402,18 @@ static __always_inline void ct_set(const struct xlb_config *cfg, const struct xl
 /* ct_del empties the flow's entry. */
 static __always_inline void ct_del(const struct xlb_config *cfg, const struct xlb_flow *f, __u32 hash)
 {
-	__u32 mask = cfg->ct_sets - 1, i1 = hash & mask, i2 = ct_set2(hash) & mask;
-
 	if (!cfg->ct_sets)
 		return;
 	if (f->family == XLB_AF_INET) {
-		struct xlb_ct_set4 *s1 = bpf_map_lookup_elem(&lb_ct4, &i1);
-		struct xlb_ct_set4 *s2 = bpf_map_lookup_elem(&lb_ct4, &i2);
+		struct xlb_ct_set4 *s1, *s2;
 
-		ct_keep_apart(s1);
-		ct_keep_apart(s2);
+		CT_SETS(lb_ct4, cfg, hash, s1, s2);
 		if (s1 && s2)
 			ct_clear4(s1, s2, f);
 	} else {
-		struct xlb_ct_set6 *s1 = bpf_map_lookup_elem(&lb_ct6, &i1);
-		struct xlb_ct_set6 *s2 = bpf_map_lookup_elem(&lb_ct6, &i2);
+		struct xlb_ct_set6 *s1, *s2;
 
+		CT_SETS(lb_ct6, cfg, hash, s1, s2);
 		if (s1 && s2)
 			ct_clear6(s1, s2, f);
 	}
